@@ -1,0 +1,38 @@
+"""The one exception hierarchy of outbox.
+
+Driver errors (psycopg, aiormq) are translated into these at the edge, in `store.py` and
+`publisher.py`; the relay core only ever sees these types.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """An outbox error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(OutboxError):
+    """Invalid configuration."""
+
+
+class StoreUnavailable(OutboxError):
+    """The database cannot be reached or the connection was lost."""
+
+
+class BrokerUnavailable(OutboxError):
+    """The broker cannot be reached or the connection was lost."""
+
+
+class PermanentRefusal(OutboxError):
+    """A peer refused us for a reason that retrying soon will not fix.
+
+    Wrong credentials, unknown vhost or database, failed TLS verification. The relay reports it in
+    one line, turns not-ready, and retries slowly.
+    """
+
+
+class SchemaMissing(OutboxError):
+    """The outbox tables do not exist in the configured schema: run `outbox migrate`."""

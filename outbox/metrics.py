@@ -1,0 +1,52 @@
+"""Every Prometheus metric of outbox, defined here and nowhere else."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PUBLISHED = Counter(
+    "outbox_published", "Rows confirmed by the broker (then deleted or marked sent)",
+    registry=REGISTRY)
+FAILURES = Counter(
+    "outbox_publish_failures", "Rows whose publish failed, by reason",
+    ["reason"], registry=REGISTRY)
+DEAD = Counter(
+    "outbox_dead", "Rows this relay parked as dead", registry=REGISTRY)
+RELEASED = Counter(
+    "outbox_released", "Rows returned to pending unsettled (connection lost before the confirm)",
+    registry=REGISTRY)
+BATCH_SIZE = Histogram(
+    "outbox_batch_size", "Rows per claimed batch",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000), registry=REGISTRY)
+COMMIT_TO_CONFIRM = Histogram(
+    "outbox_commit_to_confirm_seconds",
+    "From the row's created_at to the broker's confirm (the end-to-end latency)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY)
+PENDING = Gauge(
+    "outbox_pending", "Rows waiting to be published (including those waiting for a retry)",
+    registry=REGISTRY)
+DEAD_ROWS = Gauge(
+    "outbox_dead_rows", "Rows parked as dead in the table", registry=REGISTRY)
+BLOCKED_KEYS = Gauge(
+    "outbox_blocked_keys", "Ordering keys blocked by a dead row", registry=REGISTRY)
+OLDEST_PENDING_AGE = Gauge(
+    "outbox_oldest_pending_age_seconds", "Age of the oldest pending row (the lag)",
+    registry=REGISTRY)
+CONNECTED = Gauge(
+    "outbox_connected", "1 when connected (target: database or broker)", ["target"],
+    registry=REGISTRY)
+BROKER_BLOCKED = Gauge(
+    "outbox_broker_blocked", "1 while the broker blocks publishers (memory or disk alarm)",
+    registry=REGISTRY)
+READY = Gauge(
+    "outbox_ready", "1 when the relay is ready (connected to both, not blocked)",
+    registry=REGISTRY)
+
+FAILURE_REASONS = ("nack", "returned", "channel", "timeout", "connection", "poison")
+for _reason in FAILURE_REASONS:
+    FAILURES.labels(_reason)
+for _target in ("database", "broker"):
+    CONNECTED.labels(_target).set(0)

@@ -1,0 +1,89 @@
+"""Write an event in the caller's own transaction (the producer API for Python applications).
+
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        outbox.enqueue(session, "orders.created", {"id": order.id}, ordering_key=f"order-{order.id}")
+
+Works with a SQLAlchemy `Session`, `Connection`, `AsyncSession` or `AsyncConnection`, and with a raw
+psycopg `Connection` or `AsyncConnection` (use `enqueue_async` for the async ones). Nothing is
+committed here: the event exists if and only if the caller's transaction commits.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from outbox.sql import for_schema
+
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
+
+
+def event_params(
+    routing_key: str, payload: Any = None, *, exchange: str = "",
+    ordering_key: str | None = None, headers: Mapping[str, Any] | None = None,
+    message_type: str | None = None, correlation_id: str | None = None,
+    content_type: str | None = None, delay: float | timedelta = 0.0,
+) -> dict[str, Any]:
+    """The parameters of the ``enqueue`` query; ``payload`` is JSON-able, or bytes for an
+    opaque body."""
+    if not routing_key:
+        raise ValueError("routing_key must not be empty")
+    is_bytes = isinstance(payload, bytes | bytearray | memoryview)
+    return {
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "payload": None if is_bytes else orjson.dumps(payload).decode(),
+        "payload_bytes": bytes(payload) if is_bytes else None,
+        "content_type": content_type,
+        "headers": orjson.dumps(dict(headers or {})).decode(),
+        "ordering_key": ordering_key,
+        "message_type": message_type,
+        "correlation_id": correlation_id,
+        "delay": delay.total_seconds() if isinstance(delay, timedelta) else float(delay),
+    }
+
+
+@functools.cache
+def _sqlalchemy_statement(schema: str) -> Any:
+    from sqlalchemy import text
+
+    return text(_PYFORMAT.sub(r":\1", for_schema(schema).text("enqueue")))
+
+
+def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str = "public",
+            **options: Any) -> UUID:
+    """Insert one event through ``target`` (a SQLAlchemy Session/Connection or a psycopg
+    Connection), inside its current transaction; returns the event's ``message_id``."""
+    params = event_params(routing_key, payload, **options)
+    if _is_psycopg(target):
+        row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
+    else:
+        row = target.execute(_sqlalchemy_statement(schema), params).one()
+    return _uuid(row[0])
+
+
+async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
+                        schema: str = "public", **options: Any) -> UUID:
+    """`enqueue` for a SQLAlchemy AsyncSession/AsyncConnection or a psycopg AsyncConnection."""
+    params = event_params(routing_key, payload, **options)
+    if _is_psycopg(target):
+        cur = await target.execute(for_schema(schema)["enqueue"], params)
+        row = await cur.fetchone()
+    else:
+        row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
+    return _uuid(row[0])
+
+
+def _is_psycopg(target: Any) -> bool:
+    return type(target).__module__.startswith("psycopg")
+
+
+def _uuid(value: Any) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))

@@ -1,0 +1,288 @@
+"""The RabbitMQ publisher: aiormq, publisher confirms pipelined per batch, ``mandatory=True``.
+
+One connection (to the first reachable of the configured URLs, failing over on loss) and one
+confirm-mode channel per lane. A batch is written in full, then its confirms are awaited under one
+deadline. aiormq's sharp edges, handled here:
+
+* when the broker closes a channel (a missing exchange: 404; bad properties: 406/505) every
+  pending confirm of that channel fails with the same error, so the culprit is not known. The
+  unconfirmed rows are bisected on fresh channels until the row that closes a channel alone is
+  found; it fails, the others are confirmed.
+* returns are matched to confirms by ``message_id`` (ours are unique per row).
+* a frame that cannot be encoded (header value AMQP has no type for, a property over 255 bytes)
+  raises before anything is sent: that row is poison, the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiormq
+import orjson
+from aiormq import exceptions as amqp_exc
+from pamqp import commands as spec
+
+from outbox import metrics
+from outbox.exceptions import BrokerUnavailable
+from outbox.retry import backoff
+from outbox.rows import Outcome, Result, Row
+from outbox.settings import Settings, redact
+
+log = logging.getLogger("outbox.publisher")
+
+RECONNECT_BASE = 0.2
+RECONNECT_CAP = 15.0
+REFUSED_RETRY = 30.0
+_CONFIRMED = Result.confirmed()
+_PERMANENT = (
+    amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
+    amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
+)
+
+
+def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
+    """Add the heartbeat and connect timeout to an AMQP URL unless it sets them itself."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("heartbeat", str(heartbeat))
+    query.setdefault("timeout", str(max(1, round(timeout))))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def describe_refusal(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS verification failed: {exc.verify_message or exc}"
+    if isinstance(exc, amqp_exc.ConnectionNotAllowed):
+        return f"access refused (unknown vhost or no permission): {exc}"
+    return f"authentication failed (check the user and password): {exc}"
+
+
+class AmqpPublisher:
+    """Implements `outbox.relay.Publisher` on aiormq."""
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.urls = [with_defaults(u, settings.heartbeat, settings.db_timeout)
+                     for u in settings.amqp_urls]
+        self.problem = ""
+        self.connection: aiormq.Connection | None = None
+        self.current_url = ""
+        self._channels: dict[int, aiormq.abc.AbstractChannel] = {}
+        self._channel_locks: dict[int, asyncio.Lock] = {}
+        self._connected = asyncio.Event()
+        self._rng = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._timeout = settings.publish_timeout
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background (and reconnecting for as long as it runs)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._supervise(), name="outbox-broker")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        await self._drop_connection()
+
+    @property
+    def ready(self) -> bool:
+        conn = self.connection
+        return conn is not None and not conn.is_closed and not self.blocked
+
+    @property
+    def blocked(self) -> bool:
+        """True while the broker blocks publishers (``connection.blocked``: memory/disk alarm)."""
+        conn = self.connection
+        unblocked = getattr(conn, "_Connection__connection_unblocked", None)
+        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+                conn = self.connection
+                if conn is not None:
+                    await conn.ready()
+        ready = self.ready
+        metrics.BROKER_BLOCKED.set(1 if self.blocked else 0)
+        return ready
+
+    async def _supervise(self) -> None:
+        failures = 0
+        index = 0
+        while True:
+            url = self.urls[index % len(self.urls)]
+            try:
+                async with asyncio.timeout(self.settings.db_timeout + 1):
+                    conn = await aiormq.connect(url)
+            except _PERMANENT as exc:
+                self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
+                index += 1
+                await asyncio.sleep(REFUSED_RETRY)
+                continue
+            except (OSError, amqp_exc.AMQPError, TimeoutError, ConnectionError) as exc:
+                failures += 1
+                self._set_problem(f"broker {redact(url)}: cannot connect ({exc or type(exc)})")
+                index += 1
+                await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+                continue
+            failures = 0
+            self.connection = conn
+            self.current_url = url
+            self.problem = ""
+            self._connected.set()
+            metrics.CONNECTED.labels("broker").set(1)
+            log.info("broker connected", extra={"fields": {"url": redact(url)}})
+            await asyncio.wait([conn.closing])
+            self._connected.clear()
+            self._channels.clear()
+            metrics.CONNECTED.labels("broker").set(0)
+            reason = conn.closing.exception() if (
+                conn.closing.done() and not conn.closing.cancelled()) else None
+            self._set_problem(f"broker {redact(url)}: connection lost ({reason})")
+            self.connection = None
+            index += 1  # try the next node first: the one we lost may be down
+
+    def _set_problem(self, problem: str) -> None:
+        if problem != self.problem:
+            log.error("broker unavailable", extra={"fields": {"error": problem}})
+        self.problem = problem
+
+    async def _drop_connection(self) -> None:
+        conn, self.connection = self.connection, None
+        self._channels.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await conn.close()
+
+    async def _channel(self, lane: int) -> aiormq.abc.AbstractChannel:
+        channel = self._channels.get(lane)
+        if channel is not None and not channel.is_closed:
+            return channel
+        conn = self.connection
+        if conn is None or conn.is_closed:
+            raise BrokerUnavailable("not connected to the broker")
+        try:
+            async with asyncio.timeout(self._timeout):
+                channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        except (amqp_exc.AMQPError, ConnectionError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
+        self._channels[lane] = channel
+        return channel
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def properties(self, row: Row) -> spec.Basic.Properties:
+        """The AMQP properties of a row (DESIGN.md, "What is published")."""
+        return spec.Basic.Properties(
+            content_type=row.content_type,
+            delivery_mode=2,
+            message_id=str(row.message_id),
+            timestamp=row.created_at,
+            message_type=row.message_type,
+            correlation_id=row.correlation_id,
+            app_id=self.settings.app_id,
+            headers=orjson.loads(row.headers) if row.headers is not None else None,
+        )
+
+    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+        results: list[Result | None] = [None] * len(rows)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        await self._publish_into(rows, list(range(len(rows))), lane, results, deadline)
+        unsettled = Result(Outcome.UNSETTLED, "not published", "connection")
+        return [r or unsettled for r in results]
+
+    async def _publish_into(
+        self, rows: Sequence[Row], indices: list[int], lane: int,
+        results: list[Result | None], deadline: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return  # UNSETTLED: tried again in a later batch, no attempt counted
+        try:
+            channel = await self._channel(lane)
+        except BrokerUnavailable:
+            return
+        tasks: dict[int, asyncio.Future[Any]] = {}
+        for i in indices:
+            row = rows[i]
+            try:
+                props = self.properties(row)
+            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                results[i] = Result(Outcome.POISON, f"headers cannot be sent: {exc}", "poison")
+                continue
+            tasks[i] = asyncio.ensure_future(channel.basic_publish(
+                row.body, exchange=row.exchange, routing_key=row.routing_key,
+                properties=props, mandatory=True, wait=False))
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks.values(), timeout=remaining)
+        collateral: list[int] = []
+        channel_error = ""
+        stalled = False
+        for i, task in tasks.items():
+            if task in pending:
+                task.cancel()
+                stalled = True
+                results[i] = (Result(Outcome.UNSETTLED, "broker blocked publishing", "blocked")
+                              if self.blocked else
+                              Result(Outcome.FAILED, f"no confirm within {self._timeout:g}s",
+                                     "timeout"))
+                continue
+            exc = task.exception()
+            if exc is None:
+                results[i] = _CONFIRMED
+            elif isinstance(exc, amqp_exc.PublishError):
+                results[i] = Result(Outcome.FAILED, f"returned by the broker: {_reply(exc)}",
+                                    "returned")
+            elif isinstance(exc, amqp_exc.DeliveryError):
+                results[i] = Result(Outcome.FAILED, "nacked by the broker", "nack")
+            elif isinstance(exc, amqp_exc.ChannelClosed | amqp_exc.ChannelInvalidStateError):
+                collateral.append(i)
+                channel_error = str(exc)
+            elif isinstance(exc, TypeError | ValueError):
+                results[i] = Result(Outcome.POISON, f"cannot be encoded as AMQP: {exc}",
+                                    "poison")
+            elif isinstance(exc, amqp_exc.AMQPConnectionError | ConnectionError):
+                pass  # UNSETTLED
+            else:
+                log.error("unexpected publish error", exc_info=exc)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if stalled and not self.blocked:
+            log.warning("no confirms within the deadline: reconnecting")
+            await self._drop_connection()
+            return
+        if collateral:
+            self._channels.pop(lane, None)
+            if len(indices) == 1:
+                results[indices[0]] = Result(
+                    Outcome.FAILED, f"channel closed by the broker: {channel_error}", "channel")
+                return
+            # One of these closed the channel and took the others' confirms with it: bisect.
+            half = (len(collateral) + 1) // 2
+            for part in (collateral[:half], collateral[half:]):
+                if part:
+                    await self._publish_into(rows, part, lane, results, deadline)
+
+
+def _reply(exc: amqp_exc.PublishError) -> str:
+    frame = getattr(exc, "frame", None)
+    code = getattr(frame, "reply_code", "")
+    text = getattr(frame, "reply_text", "")
+    return f"{code} {text}".strip() or str(exc)

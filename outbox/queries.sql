@@ -1,0 +1,124 @@
+-- Every runtime query of outbox, in named blocks loaded by outbox/sql.py.
+-- `{schema}` is replaced by the configured schema, quoted with psycopg.sql.Identifier.
+-- Parameters are psycopg named placeholders. No other module holds SQL.
+
+-- claim --
+-- Lock up to %(limit)s ready rows, oldest first. A keyed row is ready only when it is the head of its
+-- key (no earlier unsent row: pending, in flight in another relay's batch, or dead) and was written
+-- by a transaction older than every transaction still running (so no earlier row can still appear).
+SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text, o.payload_bytes,
+       o.content_type, o.headers::text, o.ordering_key, o.message_type, o.correlation_id,
+       o.created_at, o.attempts
+  FROM {schema}.outbox o
+ WHERE o.sent_at IS NULL AND o.dead_at IS NULL AND o.available_at <= now()
+   AND (o.ordering_key IS NULL OR (
+          o.xact_id < pg_snapshot_xmin(pg_current_snapshot())
+          AND NOT EXISTS (SELECT 1 FROM {schema}.outbox e
+                           WHERE e.ordering_key = o.ordering_key AND e.id < o.id
+                             AND e.sent_at IS NULL)))
+ ORDER BY o.id
+ LIMIT %(limit)s
+   FOR UPDATE OF o SKIP LOCKED;
+
+-- delete_sent --
+-- Remove rows the broker confirmed.
+DELETE FROM {schema}.outbox WHERE id = ANY(%(ids)s);
+
+-- mark_sent --
+-- Keep rows the broker confirmed, marked sent (for `--on-sent mark`; `outbox cleanup` prunes them).
+UPDATE {schema}.outbox SET sent_at = now() WHERE id = ANY(%(ids)s);
+
+-- schedule_retry --
+-- Count a failed attempt and push the row back by its own delay (seconds), keeping the error.
+UPDATE {schema}.outbox o
+   SET attempts = o.attempts + 1,
+       available_at = now() + make_interval(secs => r.delay),
+       last_error = r.error
+  FROM unnest(%(ids)s::bigint[], %(delays)s::float8[], %(errors)s::text[]) AS r(id, delay, error)
+ WHERE o.id = r.id;
+
+-- park_dead --
+-- Park rows as dead with their reason; `counted` is 1 when the failure was a publish attempt.
+UPDATE {schema}.outbox o
+   SET attempts = o.attempts + r.counted, dead_at = now(), last_error = r.error
+  FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(counted)s::int[]) AS r(id, error, counted)
+ WHERE o.id = r.id;
+
+-- status --
+-- The backlog at a glance (`outbox status`, the gauges of /metrics).
+SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
+       count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= now())
+         AS ready,
+       count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND attempts > 0)
+         AS retrying,
+       count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,
+       count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL) AS blocked_keys,
+       count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
+       coalesce(extract(epoch FROM now() - min(created_at)
+                        FILTER (WHERE sent_at IS NULL AND dead_at IS NULL)), 0)::float8
+         AS oldest_pending_age_seconds
+  FROM {schema}.outbox;
+
+-- dead_list --
+-- Dead rows, oldest first, optionally filtered by id and routing key.
+SELECT id, message_id, exchange, routing_key, ordering_key, attempts, last_error,
+       extract(epoch FROM now() - dead_at)::float8 AS dead_for_seconds,
+       extract(epoch FROM now() - created_at)::float8 AS age_seconds
+  FROM {schema}.outbox
+ WHERE dead_at IS NOT NULL
+   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+   AND (%(routing_key)s::text IS NULL OR routing_key = %(routing_key)s::text)
+ ORDER BY id
+ LIMIT %(limit)s;
+
+-- dead_retry --
+-- Put dead rows back to pending, attempts reset, to be published now.
+UPDATE {schema}.outbox
+   SET dead_at = NULL, attempts = 0, available_at = now()
+ WHERE dead_at IS NOT NULL
+   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+   AND (%(routing_key)s::text IS NULL OR routing_key = %(routing_key)s::text);
+
+-- dead_discard --
+-- Delete dead rows for good.
+DELETE FROM {schema}.outbox
+ WHERE dead_at IS NOT NULL
+   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+   AND (%(routing_key)s::text IS NULL OR routing_key = %(routing_key)s::text);
+
+-- cleanup --
+-- Delete rows marked sent more than %(older_than)s seconds ago, at most %(limit)s at a time.
+DELETE FROM {schema}.outbox
+ WHERE id IN (SELECT id FROM {schema}.outbox
+               WHERE sent_at < now() - make_interval(secs => %(older_than)s)
+               LIMIT %(limit)s);
+
+-- inbox_prune --
+-- Forget processed message ids older than %(older_than)s seconds, at most %(limit)s at a time.
+DELETE FROM {schema}.inbox
+ WHERE (consumer, message_id) IN (
+         SELECT consumer, message_id FROM {schema}.inbox
+          WHERE processed_at < now() - make_interval(secs => %(older_than)s)
+          LIMIT %(limit)s);
+
+-- inbox_record --
+-- Record that a consumer processed a message; 0 rows means it was processed before.
+INSERT INTO {schema}.inbox (consumer, message_id) VALUES (%(consumer)s, %(message_id)s)
+ON CONFLICT DO NOTHING;
+
+-- enqueue --
+-- The producer's insert (outbox.producer); any language can write the same statement.
+INSERT INTO {schema}.outbox (exchange, routing_key, payload, payload_bytes, content_type, headers,
+                             ordering_key, message_type, correlation_id, available_at)
+VALUES (%(exchange)s, %(routing_key)s, CAST(%(payload)s AS jsonb), %(payload_bytes)s,
+        %(content_type)s, CAST(%(headers)s AS jsonb), %(ordering_key)s, %(message_type)s,
+        %(correlation_id)s, now() + make_interval(secs => %(delay)s))
+RETURNING message_id;
+
+-- listen --
+-- Wake-ups from the statement-level trigger of the outbox table.
+LISTEN {channel};
+
+-- schema_exists --
+-- Whether the outbox table exists in the schema.
+SELECT to_regclass(%(table)s) IS NOT NULL;

@@ -1,0 +1,332 @@
+"""The relay loop and its decisions.
+
+It imports neither psycopg nor aiormq: it talks to a `Store` (claims rows, settles batches) and a
+`Publisher` (publishes a batch, reports one `Result` per row) through the protocols below, so every
+decision is unit-tested with the in-memory fakes of `outbox.testing`.
+
+A *lane* is one loop: claim a batch in a database transaction (rows locked ``FOR UPDATE SKIP
+LOCKED``), publish it with confirms, settle it (delete or mark the confirmed rows, reschedule or
+park the failed ones) and commit. ``concurrency`` lanes run at once, so one batch's database work
+overlaps another batch's wait for confirms. A lane never claims while the broker is unreachable or
+blocking, so no transaction stays open across a wait without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from outbox import metrics
+from outbox.exceptions import BrokerUnavailable, PermanentRefusal, StoreUnavailable
+from outbox.retry import backoff
+from outbox.rows import Outcome, Result, Row, Settlement
+from outbox.settings import Settings
+
+log = logging.getLogger("outbox.relay")
+
+RECONNECT_BASE = 0.2
+RECONNECT_CAP = 15.0
+REFUSED_RETRY = 30.0  # a permanent refusal (bad password…) is retried slowly, never hammered
+
+
+@dataclass(slots=True)
+class Stats:
+    """The backlog, as `outbox status` shows it."""
+
+    pending: int = 0
+    ready: int = 0
+    retrying: int = 0
+    dead: int = 0
+    blocked_keys: int = 0
+    sent: int = 0
+    oldest_pending_age_seconds: float = 0.0
+
+
+class StoreSession(Protocol):
+    """One database connection of a lane. Contract: see tests/contract/test_store.py."""
+
+    async def claim(self, limit: int) -> list[Row]:
+        """Begin a transaction and lock up to ``limit`` ready rows, in id order."""
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Apply the batch's writes and commit (which releases the rows' locks)."""
+
+    async def release(self) -> None:
+        """Roll back: every claimed row goes back to pending untouched."""
+
+    async def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """The database side of the relay."""
+
+    async def session(self) -> StoreSession:
+        """Open a connection for one lane (raises StoreUnavailable, PermanentRefusal)."""
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` on every NOTIFY of the outbox until the connection fails (raises)."""
+
+    async def stats(self) -> Stats: ...
+
+
+class Publisher(Protocol):
+    """The broker side of the relay. Contract: see tests/contract/test_publisher.py.
+
+    `publish` must be safe to call from several lanes at once (each lane passes its number).
+    """
+
+    @property
+    def ready(self) -> bool:
+        """Connected and not blocked by the broker."""
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until `ready`, at most ``timeout`` seconds."""
+
+    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+        """Publish the rows in order, await their confirms; one `Result` per row.
+
+        Never raises for a per-row problem or a lost connection: those are results (a lost
+        connection makes the unconfirmed rows UNSETTLED).
+        """
+
+
+@dataclass(slots=True)
+class Counts:
+    published: int = 0
+    failed: int = 0
+    dead: int = 0
+    released: int = 0
+    batches: int = 0
+
+
+def decide(
+    rows: Sequence[Row], results: Sequence[Result], settings: Settings,
+    rng: random.Random | None = None,
+) -> Settlement:
+    """Turn one batch's results into the writes that settle it (pure; no I/O)."""
+    s = Settlement()
+    for row, res in zip(rows, results, strict=True):
+        if res.outcome is Outcome.CONFIRMED:
+            s.sent.append(row.id)
+        elif res.outcome is Outcome.UNSETTLED:
+            s.unsettled += 1
+        elif res.outcome is Outcome.POISON:
+            s.dead(row.id, res.reason, counted=False)
+        elif row.attempts + 1 >= settings.max_attempts:
+            s.dead(row.id, f"{res.reason} (attempt {row.attempts + 1} of "
+                           f"{settings.max_attempts})", counted=True)
+        else:
+            delay = backoff(row.attempts + 1, settings.retry_base, settings.retry_max, rng)
+            s.retry(row.id, delay, res.reason)
+    return s
+
+
+def oversized(rows: Sequence[Row], limit: int) -> dict[int, Result]:
+    """Rows whose body exceeds the limit, by position: parked before publishing."""
+    return {
+        i: Result(Outcome.POISON, f"body of {len(r.body)} bytes exceeds the limit of {limit} "
+                                  "(OUTBOX_MAX_BODY_BYTES)", "poison")
+        for i, r in enumerate(rows) if len(r.body) > limit
+    }
+
+
+@dataclass
+class Health:
+    database: bool = False
+    broker: bool = False
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+class Relay:
+    """Runs the lanes until `stop` (or, with ``drain``, until nothing is ready)."""
+
+    def __init__(
+        self, settings: Settings, store: Store, publisher: Publisher, *, drain: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.drain = drain
+        self.counts = Counts()
+        self.health = Health()
+        self._rng = rng or random.Random()
+        self._stopping = asyncio.Event()
+        self._wakeups: list[asyncio.Event] = []
+        self._sessions_up = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.health.database and self.publisher.ready and not self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Stop claiming; the lanes settle what they hold and return."""
+        if not self._stopping.is_set():
+            log.info("stopping: no new claims; settling the batches in flight")
+        self._stopping.set()
+        self._wake_all()
+
+    async def run(self) -> Counts:
+        """Run until stopped (or drained); returns what this relay did."""
+        lanes = [asyncio.Event() for _ in range(self.settings.concurrency)]
+        self._wakeups = lanes
+        helpers = [asyncio.create_task(self._listen(), name="outbox-listen")]
+        if not self.drain:
+            helpers.append(asyncio.create_task(self._refresh_stats(), name="outbox-stats"))
+        try:
+            await asyncio.gather(*(
+                self._lane(i, ev) for i, ev in enumerate(lanes)))
+        finally:
+            for t in helpers:
+                t.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        return self.counts
+
+    # -- lanes -----------------------------------------------------------------------------------
+
+    async def _lane(self, lane: int, wake: asyncio.Event) -> None:
+        session: StoreSession | None = None
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                if not await self._broker_ready():
+                    continue
+                try:
+                    if session is None:
+                        session = await self.store.session()
+                        self._database_up(True)
+                    wake.clear()
+                    rows = await session.claim(self.settings.batch_size)
+                    if not rows:
+                        await session.release()
+                        if self.drain:
+                            return
+                        await self._sleep(wake, self.settings.poll_interval)
+                        continue
+                    await self._process(session, rows, lane)
+                    failures = 0
+                except StoreUnavailable as exc:
+                    failures += 1
+                    session = await self._drop(session)
+                    self._database_up(False, str(exc))
+                    await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+                except PermanentRefusal as exc:
+                    session = await self._drop(session)
+                    self._database_up(False, str(exc))
+                    await self._pause(REFUSED_RETRY)
+        finally:
+            await self._drop(session)
+
+    async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> None:
+        metrics.BATCH_SIZE.observe(len(rows))
+        self.counts.batches += 1
+        poison = oversized(rows, self.settings.max_body_bytes)
+        if poison:
+            sendable = [r for i, r in enumerate(rows) if i not in poison]
+            published = iter(await self.publisher.publish(sendable, lane))
+            results = [poison.get(i) or next(published) for i in range(len(rows))]
+        else:
+            results = await self.publisher.publish(rows, lane)
+        settlement = decide(rows, results, self.settings, self._rng)
+        await session.settle(settlement)
+        self._account(rows, results, settlement)
+
+    def _account(self, rows: list[Row], results: list[Result], s: Settlement) -> None:
+        now = time.time()
+        for row, res in zip(rows, results, strict=True):
+            if res.outcome is Outcome.CONFIRMED:
+                metrics.COMMIT_TO_CONFIRM.observe(max(0.0, now - row.created_at.timestamp()))
+            elif res.outcome is not Outcome.UNSETTLED:
+                metrics.FAILURES.labels(res.kind or "other").inc()
+                log.warning("publish failed", extra={"fields": {
+                    "row_id": row.id, "message_id": str(row.message_id),
+                    "attempt": row.attempts + 1, "reason": res.reason}})
+        metrics.PUBLISHED.inc(len(s.sent))
+        metrics.DEAD.inc(len(s.dead_ids))
+        metrics.RELEASED.inc(s.unsettled)
+        self.counts.published += len(s.sent)
+        self.counts.failed += len(s.retry_ids)
+        self.counts.dead += len(s.dead_ids)
+        self.counts.released += s.unsettled
+        if s.dead_ids:
+            log.error("rows parked as dead", extra={"fields": {
+                "row_ids": s.dead_ids, "reasons": sorted(set(s.dead_errors))}})
+
+    async def _drop(self, session: StoreSession | None) -> None:
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await session.close()
+
+    # -- readiness and waiting ---------------------------------------------------------------------
+
+    async def _broker_ready(self) -> bool:
+        if self.publisher.ready:
+            return True
+        self._refresh_ready()
+        await self.publisher.wait_ready(min(1.0, self.settings.poll_interval))
+        self._refresh_ready()
+        return self.publisher.ready and not self._stopping.is_set()
+
+    def _database_up(self, up: bool, problem: str = "") -> None:
+        if up != self.health.database:
+            if up:
+                log.info("database connected")
+            else:
+                log.error("database unavailable", extra={"fields": {"error": problem}})
+        self.health.database = up
+        if problem:
+            self.health.problems["database"] = problem
+        else:
+            self.health.problems.pop("database", None)
+        metrics.CONNECTED.labels("database").set(1 if up else 0)
+        self._refresh_ready()
+
+    def _refresh_ready(self) -> None:
+        metrics.READY.set(1 if self.ready else 0)
+
+    async def _sleep(self, wake: asyncio.Event, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Wake every lane on NOTIFY; polling covers the gaps while this reconnects."""
+        failures = 0
+        while True:
+            try:
+                await self.store.listen(self._wake_all)
+            except (StoreUnavailable, PermanentRefusal):
+                failures += 1
+            await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
+
+    def _wake_all(self) -> None:
+        for ev in self._wakeups:
+            ev.set()
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            try:
+                st = await self.store.stats()
+            except (StoreUnavailable, PermanentRefusal):
+                pass
+            else:
+                metrics.PENDING.set(st.pending)
+                metrics.DEAD_ROWS.set(st.dead)
+                metrics.BLOCKED_KEYS.set(st.blocked_keys)
+                metrics.OLDEST_PENDING_AGE.set(st.oldest_pending_age_seconds)
+            self._refresh_ready()
+            await asyncio.sleep(self.settings.stats_interval)
+
+
+__all__ = ["BrokerUnavailable", "Publisher", "Relay", "Stats", "Store", "StoreSession", "decide"]

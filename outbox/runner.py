@@ -1,0 +1,94 @@
+"""Runs the relay process: publisher, store, HTTP endpoints, signals and the shutdown deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from outbox.exceptions import OutboxError
+from outbox.http import HealthServer
+from outbox.publisher import AmqpPublisher
+from outbox.relay import Counts, Relay
+from outbox.settings import Settings
+from outbox.store import PgStore
+
+log = logging.getLogger("outbox")
+
+
+async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
+    """Run until SIGTERM/SIGINT (or, with ``drain``, until nothing is ready)."""
+    store = PgStore(settings)
+    publisher = AmqpPublisher(settings)
+    relay = Relay(settings, store, publisher, drain=drain)
+    http: HealthServer | None = None
+    if settings.http_port and not drain:
+        http = HealthServer(settings.http_port, lambda: health(relay, publisher))
+        try:
+            await http.start()
+        except OSError as exc:
+            raise OutboxError(f"cannot listen on port {settings.http_port}: {exc.strerror}") \
+                from None
+    log.info("relay starting", extra={"fields": {"settings": settings.redacted(),
+                                                 "drain": drain}})
+    await publisher.start()
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now (claimed rows go back to pending)")
+            sys.stderr.flush()
+            os._exit(1)
+        log.info("signal received", extra={"fields": {
+            "signal": signal.Signals(signum).name,
+            "shutdown_timeout": settings.shutdown_timeout}})
+        relay.stop()
+        loop.call_later(settings.shutdown_timeout, _deadline, task)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        counts = await task
+    except asyncio.CancelledError:
+        counts = relay.counts
+        log.warning("shutdown deadline reached: batches in flight were released")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await publisher.close()
+        if http is not None:
+            await http.close()
+    log.info("relay stopped", extra={"fields": {
+        "published": counts.published, "failed": counts.failed, "dead": counts.dead}})
+    return counts
+
+
+def _deadline(task: asyncio.Task[Counts]) -> None:
+    if not task.done():
+        task.cancel()
+
+
+def health(relay: Relay, publisher: AmqpPublisher) -> tuple[bool, dict[str, object]]:
+    problems = dict(relay.health.problems)
+    if publisher.problem and not publisher.ready:
+        problems["broker"] = publisher.problem
+    if publisher.blocked:
+        problems["broker"] = "the broker is blocking publishers (memory or disk alarm)"
+    return relay.ready, {
+        "database": relay.health.database, "broker": publisher.ready,
+        "blocked": publisher.blocked, "problems": problems,
+    }
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

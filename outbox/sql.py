@@ -1,0 +1,53 @@
+"""Loads the named queries of ``queries.sql`` and binds them to a schema.
+
+Identifiers that come from configuration (the schema, the NOTIFY channel) are quoted with
+`psycopg.sql.Identifier`; values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+from psycopg import sql
+
+_BLOCK = re.compile(r"^-- (\w+) --\n((?:--[^\n]*\n)*)(.*?)(?=^-- \w+ --|\Z)", re.M | re.S)
+
+
+@functools.cache
+def raw_queries() -> dict[str, str]:
+    """Query name → SQL text with ``{schema}`` placeholders."""
+    text = resources.files("outbox").joinpath("queries.sql").read_text()
+    return {m.group(1): m.group(3).strip().rstrip(";") for m in _BLOCK.finditer(text)}
+
+
+def channel_name(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of a schema's outbox table (the trigger uses the same)."""
+    return f"{schema}.outbox"
+
+
+class Queries:
+    """The queries of one schema, composed once."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        ident = sql.Identifier(schema)
+        channel = sql.Identifier(channel_name(schema))
+        self._q = {
+            name: sql.SQL(text).format(schema=ident, channel=channel)
+            if "{channel}" in text else sql.SQL(text).format(schema=ident)
+            for name, text in raw_queries().items()
+        }
+
+    def __getitem__(self, name: str) -> sql.Composed:
+        return self._q[name]  # type: ignore[return-value]
+
+    def text(self, name: str) -> str:
+        """The query as a plain string (for drivers other than psycopg)."""
+        return self._q[name].as_string(None)
+
+
+@functools.cache
+def for_schema(schema: str) -> Queries:
+    return Queries(schema)

@@ -1,0 +1,196 @@
+"""The PostgreSQL store: psycopg 3 connections that run the named queries of ``queries.sql``.
+
+Driver errors are translated here, once, into `outbox.exceptions`; every network wait has the
+``db_timeout`` deadline on the client side and ``statement_timeout`` on the server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
+from outbox.relay import Stats
+from outbox.rows import Row, Settlement
+from outbox.settings import Settings, redact
+from outbox.sql import Queries, for_schema
+
+log = logging.getLogger("outbox.store")
+
+_PERMANENT = re.compile(
+    r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
+    r"|no pg_hba\.conf entry|certificate verify failed|permission denied for database",
+    re.I,
+)
+JSON = "application/json"
+OCTETS = "application/octet-stream"
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn psycopg (and timeout) errors into outbox exceptions."""
+    try:
+        yield
+    except pgerrors.UndefinedTable as exc:
+        raise SchemaMissing(
+            f"{what}: the outbox table is missing ({exc.diag.message_primary}); "
+            "run `outbox migrate`") from exc
+    except (pgerrors.InsufficientPrivilege, pgerrors.InvalidAuthorizationSpecification) as exc:
+        raise PermanentRefusal(f"{what}: {_first_line(exc)}") from exc
+    except psycopg.OperationalError as exc:
+        msg = _first_line(exc)
+        if _PERMANENT.search(msg):
+            raise PermanentRefusal(f"{what}: {msg}") from exc
+        raise StoreUnavailable(f"{what}: {msg}") from exc
+    except (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
+            pgerrors.IdleInTransactionSessionTimeout, OSError) as exc:
+        raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
+    except TimeoutError as exc:
+        raise StoreUnavailable(f"{what}: no answer from the database within the deadline") \
+            from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+async def connect(settings: Settings, *, autocommit: bool, purpose: str) -> psycopg.AsyncConnection[Any]:
+    """Open a connection with the relay's session settings and deadlines."""
+    timeout_ms = int(settings.db_timeout * 1000)
+    # A claimed batch is open for at most the publish deadline plus a few queries; anything
+    # longer is a hung relay, and the server ends it (its rows go back to pending).
+    idle_ms = int((settings.publish_timeout + 4 * settings.db_timeout) * 1000)
+    options = (f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} "
+               f"-c idle_in_transaction_session_timeout={idle_ms} "
+               "-c synchronous_commit=off")  # a lost mark only causes a duplicate
+    with translate_errors(f"connecting to {redact(settings.database_url)}"):
+        async with asyncio.timeout(settings.db_timeout + 1):
+            return await psycopg.AsyncConnection.connect(
+                settings.database_url, autocommit=autocommit,
+                connect_timeout=max(1, int(settings.db_timeout)),
+                application_name=f"outbox-{purpose}", options=options,
+            )
+
+
+def row_from_record(rec: Sequence[Any]) -> Row:
+    (id_, message_id, exchange, routing_key, payload, payload_bytes, content_type, headers,
+     ordering_key, message_type, correlation_id, created_at, attempts) = rec
+    if payload is not None:
+        body = payload.encode()
+        ctype = content_type or JSON
+    else:
+        body = bytes(payload_bytes)
+        ctype = content_type or OCTETS
+    return Row(id_, message_id, exchange, routing_key, body, ctype,
+               None if headers == "{}" else headers, ordering_key, message_type, correlation_id,
+               created_at, attempts)
+
+
+class PgSession:
+    """One lane's connection; a claim opens a transaction that `settle` or `release` ends."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.q: Queries = for_schema(settings.schema)
+        self.on_sent = settings.on_sent
+
+    async def claim(self, limit: int) -> list[Row]:
+        with translate_errors("claiming rows"):
+            async with asyncio.timeout(self.settings.db_timeout):
+                cur = await self.conn.execute(self.q["claim"], {"limit": limit}, prepare=True)
+                recs = await cur.fetchall()
+        return [row_from_record(r) for r in recs]
+
+    async def settle(self, s: Settlement) -> None:
+        with translate_errors("settling a batch"):
+            async with asyncio.timeout(self.settings.db_timeout):
+                async with self.conn.pipeline():
+                    if s.sent:
+                        name = "delete_sent" if self.on_sent == "delete" else "mark_sent"
+                        await self.conn.execute(self.q[name], {"ids": s.sent}, prepare=True)
+                    if s.retry_ids:
+                        await self.conn.execute(self.q["schedule_retry"], {
+                            "ids": s.retry_ids, "delays": s.retry_delays,
+                            "errors": s.retry_errors})
+                    if s.dead_ids:
+                        await self.conn.execute(self.q["park_dead"], {
+                            "ids": s.dead_ids, "errors": s.dead_errors,
+                            "counted": s.dead_counted})
+                await self.conn.commit()
+
+    async def release(self) -> None:
+        with translate_errors("releasing a batch"):
+            async with asyncio.timeout(self.settings.db_timeout):
+                await self.conn.rollback()
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class PgStore:
+    """Opens lane sessions, listens for NOTIFY, and answers the operator's queries."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.q: Queries = for_schema(settings.schema)
+
+    async def session(self) -> PgSession:
+        conn = await connect(self.settings, autocommit=False, purpose="relay")
+        return PgSession(conn, self.settings)
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """LISTEN on the outbox channel and call ``wake`` per notification, until the
+        connection fails (raises StoreUnavailable). A ping every few seconds finds a dead peer."""
+        conn = await connect(self.settings, autocommit=True, purpose="listen")
+        try:
+            with translate_errors("listening for notifications"):
+                async with asyncio.timeout(self.settings.db_timeout):
+                    await conn.execute(self.q["listen"])
+                wake()  # rows may have arrived while we were not listening
+                while True:
+                    async for _ in conn.notifies(timeout=5.0):
+                        wake()
+                    async with asyncio.timeout(self.settings.db_timeout):
+                        await conn.execute("SELECT 1")
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A short-lived autocommit connection for operator commands."""
+        conn = await connect(self.settings, autocommit=True, purpose="admin")
+        try:
+            with translate_errors("querying the outbox"):
+                yield conn
+        finally:
+            await conn.close()
+
+    async def stats(self) -> Stats:
+        async with self.connection() as conn:
+            async with asyncio.timeout(self.settings.db_timeout):
+                cur = await conn.execute(self.q["status"])
+                rec = await cur.fetchone()
+        assert rec is not None
+        return Stats(*rec)
+
+    async def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
+        """Run one named statement in autocommit; returns the row count."""
+        async with self.connection() as conn:
+            cur = await conn.execute(self.q[name], params or {})
+            return cur.rowcount
+
+    async def fetch(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        async with self.connection() as conn:
+            cur = await conn.execute(self.q[name], params or {})
+            cols = [d.name for d in cur.description or ()]
+            return [dict(zip(cols, r, strict=True)) for r in await cur.fetchall()]
