@@ -1,0 +1,186 @@
+"""In-memory fakes of the store and the publisher, for unit tests of the relay's decisions.
+
+They obey the same contract tests as `PgStore` and `AmqpPublisher` (tests/contract/), so a
+decision that works against them works against the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from outbox.exceptions import StoreUnavailable
+from outbox.relay import Stats
+from outbox.rows import Result, Row, Settlement
+
+
+@dataclass
+class StoredRow:
+    id: int
+    routing_key: str
+    body: bytes
+    exchange: str = ""
+    ordering_key: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    content_type: str = "application/json"
+    message_type: str | None = None
+    correlation_id: str | None = None
+    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    created_at: float = field(default_factory=time.time)
+    available_at: float = 0.0
+    attempts: int = 0
+    last_error: str | None = None
+    dead: bool = False
+    sent: bool = False
+    locked_by: object | None = None
+
+    def as_row(self) -> Row:
+        return Row(self.id, self.message_id, self.exchange, self.routing_key, self.body,
+                   self.content_type, orjson.dumps(self.headers).decode() if self.headers else None,
+                   self.ordering_key, self.message_type, self.correlation_id,
+                   datetime.fromtimestamp(self.created_at, UTC), self.attempts)
+
+
+class InMemoryStore:
+    """A `Store` on a dict, with the same claim rules as the SQL one (SKIP LOCKED, head of key)."""
+
+    def __init__(self, on_sent: str = "delete", clock: Callable[[], float] = time.time) -> None:
+        self.rows: dict[int, StoredRow] = {}
+        self.on_sent = on_sent
+        self.clock = clock
+        self.down = False  # set to make every call fail as a lost database would
+        self._next_id = 1
+        self._wakers: list[Callable[[], None]] = []
+
+    def insert(self, routing_key: str, payload: Any = None, *, delay: float = 0.0,
+               **fields: Any) -> StoredRow:
+        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        row = StoredRow(self._next_id, routing_key, body, available_at=self.clock() + delay,
+                        **fields)
+        self.rows[row.id] = row
+        self._next_id += 1
+        for wake in self._wakers:
+            wake()
+        return row
+
+    def check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("in-memory store is down")
+
+    async def session(self) -> InMemorySession:
+        self.check()
+        return InMemorySession(self)
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        self.check()
+        self._wakers.append(wake)
+        try:
+            while not self.down:
+                await asyncio.sleep(0.05)
+            raise StoreUnavailable("in-memory store is down")
+        finally:
+            self._wakers.remove(wake)
+
+    async def stats(self) -> Stats:
+        self.check()
+        now = self.clock()
+        pending = [r for r in self.rows.values() if not r.sent and not r.dead]
+        dead = [r for r in self.rows.values() if r.dead]
+        return Stats(
+            pending=len(pending),
+            ready=sum(1 for r in pending if r.available_at <= now),
+            retrying=sum(1 for r in pending if r.attempts > 0),
+            dead=len(dead),
+            blocked_keys=len({r.ordering_key for r in dead if r.ordering_key}),
+            sent=sum(1 for r in self.rows.values() if r.sent),
+            oldest_pending_age_seconds=max((now - r.created_at for r in pending), default=0.0),
+        )
+
+    def is_head(self, row: StoredRow) -> bool:
+        if row.ordering_key is None:
+            return True
+        return not any(o.ordering_key == row.ordering_key and o.id < row.id and not o.sent
+                       for o in self.rows.values())
+
+
+class InMemorySession:
+    def __init__(self, store: InMemoryStore) -> None:
+        self.store = store
+        self.claimed: list[int] = []
+
+    async def claim(self, limit: int) -> list[Row]:
+        self.store.check()
+        now = self.store.clock()
+        picked: list[StoredRow] = []
+        for row in sorted(self.store.rows.values(), key=lambda r: r.id):
+            if len(picked) >= limit:
+                break
+            if (row.sent or row.dead or row.available_at > now or row.locked_by is not None
+                    or not self.store.is_head(row)):
+                continue
+            row.locked_by = self
+            picked.append(row)
+        self.claimed = [r.id for r in picked]
+        return [r.as_row() for r in picked]
+
+    async def settle(self, s: Settlement) -> None:
+        self.store.check()
+        now = self.store.clock()
+        for row_id in s.sent:
+            if self.store.on_sent == "delete":
+                self.store.rows.pop(row_id, None)
+            else:
+                self.store.rows[row_id].sent = True
+        for row_id, delay, error in zip(s.retry_ids, s.retry_delays, s.retry_errors, strict=True):
+            row = self.store.rows[row_id]
+            row.attempts += 1
+            row.available_at = now + delay
+            row.last_error = error
+        for row_id, error, counted in zip(s.dead_ids, s.dead_errors, s.dead_counted, strict=True):
+            row = self.store.rows[row_id]
+            row.attempts += counted
+            row.dead = True
+            row.last_error = error
+        await self.release()
+
+    async def release(self) -> None:
+        for row_id in self.claimed:
+            row = self.store.rows.get(row_id)
+            if row is not None and row.locked_by is self:
+                row.locked_by = None
+        self.claimed = []
+
+    async def close(self) -> None:
+        await self.release()
+
+
+class StubPublisher:
+    """A `Publisher` that records what it was given and answers with ``rule(row)``."""
+
+    def __init__(self, rule: Callable[[Row], Result] | None = None) -> None:
+        self.rule = rule or (lambda row: Result.confirmed())
+        self.published: list[Row] = []
+        self.connected = True
+        self.blocked = False
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and not self.blocked
+
+    async def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.ready
+
+    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+        await asyncio.sleep(0)
+        self.published.extend(rows)
+        return [self.rule(r) for r in rows]
