@@ -3,7 +3,6 @@ service fails the run instead of skipping it."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -59,8 +58,3 @@ async def queue() -> AsyncIterator[str]:
     await support.declare_queue(name)
     yield name
     await support.delete_queues([name])
-
-
-@pytest.fixture
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return asyncio.DefaultEventLoopPolicy()

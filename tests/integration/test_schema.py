@@ -1,0 +1,116 @@
+"""The producer contract: the table refuses bad rows with a named constraint; migrations."""
+
+from __future__ import annotations
+
+import subprocess
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+
+from outbox.settings import Settings
+from tests import support
+
+
+def insert(settings: Settings, columns: str, *values: object) -> None:
+    marks = ", ".join(["%s"] * len(values))
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL(f"INSERT INTO {{}}.outbox ({columns}) VALUES ({marks})").format(
+            sql.Identifier(settings.schema)), values)
+
+
+def test_the_minimal_insert_from_any_language_works(settings: Settings) -> None:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"""INSERT INTO "{settings.schema}".outbox (routing_key, payload) """
+                     """VALUES ('orders.created', '{"id": 1}')""")
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(sql.SQL(
+            "SELECT exchange, headers, message_id IS NOT NULL, available_at <= now(), "
+            "created_at <= now() FROM {}.outbox").format(sql.Identifier(settings.schema))
+        ).fetchone()
+    assert row == ("", {}, True, True, True)
+
+
+@pytest.mark.parametrize(("columns", "values", "constraint"), [
+    ("routing_key", ("rk",), "outbox_exactly_one_payload"),
+    ("routing_key, payload, payload_bytes", ("rk", "{}", b"\x01"),
+     "outbox_exactly_one_payload"),
+    ("routing_key, payload, headers", ("rk", "{}", "[1, 2]"), "outbox_headers_is_object"),
+    ("routing_key, payload, headers", ("rk", "{}", '"text"'), "outbox_headers_is_object"),
+    ("routing_key, payload", ("", "{}"), "outbox_routing_key_not_empty"),
+    ("routing_key, payload, ordering_key", ("rk", "{}", ""),
+     "outbox_ordering_key_not_empty"),
+])
+def test_bad_rows_are_refused_by_a_named_constraint(settings: Settings, columns: str,
+                                                    values: tuple[object, ...],
+                                                    constraint: str) -> None:
+    with pytest.raises(errors.CheckViolation) as err:
+        insert(settings, columns, *values)
+    assert err.value.diag.constraint_name == constraint
+
+
+def test_missing_routing_key_and_duplicate_message_id_are_refused(settings: Settings) -> None:
+    with pytest.raises(errors.NotNullViolation):
+        insert(settings, "payload", "{}")
+    mid = "7d444840-9dc0-11d1-b245-5ffdce74fad2"
+    insert(settings, "routing_key, payload, message_id", "rk", "{}", mid)
+    with pytest.raises(errors.UniqueViolation) as err:
+        insert(settings, "routing_key, payload, message_id", "rk", "{}", mid)
+    assert err.value.diag.constraint_name == "outbox_message_id_key"
+
+
+def test_migrate_twice_is_a_no_op_and_the_schema_is_configurable() -> None:
+    schema = support.unique("mig")
+    env = support.relay_env(support.make_settings(schema))
+    try:
+        first = subprocess.run(support.outbox_cmd("migrate"), env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert f"schema '{schema}' migrated from nothing to" in first.stdout
+        second = subprocess.run(support.outbox_cmd("migrate"), env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert "is up to date" in second.stdout
+        with psycopg.connect(support.DATABASE_URL) as conn:
+            tables = {r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,))}
+        assert {"outbox", "inbox", "outbox_schema_version"} <= tables
+    finally:
+        support.drop_schema(schema)
+
+
+def test_migrate_works_from_an_installed_wheel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Build the wheel, install it in a fresh venv without the checkout, and migrate."""
+    import sys
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    wheel_dir = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheel_dir), str(root)], check=True, timeout=300,
+                   capture_output=True)
+    wheel = next(wheel_dir.glob("outbox-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "outbox/_alembic/env.py" in names
+    assert any(n.startswith("outbox/_alembic/versions/0001") for n in names)
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=False, with_pip=False)
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    # the dependencies come from this venv; only outbox itself comes from the wheel
+    (site / "deps.pth").write_text(
+        "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    zipfile.ZipFile(wheel).extractall(site)
+    schema = support.unique("whl")
+    env = support.relay_env(support.make_settings(schema))
+    try:
+        proc = subprocess.run([str(env_dir / "bin" / "python"), "-m", "outbox", "migrate"],
+                              env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "migrated from nothing" in proc.stdout
+    finally:
+        support.drop_schema(schema)

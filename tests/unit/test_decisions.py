@@ -1,0 +1,170 @@
+"""The relay core's decisions, against the in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from outbox.relay import Relay, decide, oversized
+from outbox.retry import backoff
+from outbox.rows import Outcome, Result, Row
+from outbox.settings import Settings
+from outbox.testing import InMemoryStore, StubPublisher
+
+SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
+                          "poll_interval": 0.05}, environ={})
+
+
+def rows(store: InMemoryStore, n: int, **kw: object) -> list[Row]:
+    return [store.insert("rk", {"i": i}, **kw).as_row() for i in range(n)]
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff(a, 1.0, 8.0, rng) for a in range(1, 8)]
+    assert all(0.5 * min(8, 2 ** (a - 1)) <= d <= min(8, 2 ** (a - 1))
+               for a, d in zip(range(1, 8), delays, strict=True))
+    assert max(delays) <= 8.0
+    assert len({backoff(3, 1.0, 8.0, rng) for _ in range(20)}) > 1  # jitter spreads retries
+
+
+def test_decide_maps_each_outcome() -> None:
+    store = InMemoryStore()
+    batch = rows(store, 5)
+    batch[3].attempts = 2  # its next failure is the third and last allowed
+    batch[4].attempts = 2
+    results = [Result.confirmed(), Result(Outcome.FAILED, "nacked", "nack"),
+               Result(Outcome.POISON, "too big", "poison"),
+               Result(Outcome.FAILED, "returned", "returned"),
+               Result(Outcome.UNSETTLED)]
+    s = decide(batch, results, SETTINGS, random.Random(0))
+    assert s.sent == [batch[0].id]
+    assert s.retry_ids == [batch[1].id] and 0.5 <= s.retry_delays[0] <= 1.0
+    assert s.dead_ids == [batch[2].id, batch[3].id]
+    assert s.dead_counted == [0, 1]  # poison is parked without counting a publish attempt
+    assert "attempt 3 of 3" in s.dead_errors[1]
+    assert s.unsettled == 1
+
+
+def test_oversized_rows_are_poison() -> None:
+    store = InMemoryStore()
+    batch = rows(store, 2)
+    big = store.insert("rk", b"x" * 100).as_row()
+    found = oversized([*batch, big], limit=50)
+    assert list(found) == [2] and found[2].outcome is Outcome.POISON
+    assert "exceeds the limit of 50" in found[2].reason
+
+
+async def run_until(relay: Relay, done: object, timeout: float = 5.0) -> None:
+    task = asyncio.create_task(relay.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():  # type: ignore[operator]
+                await asyncio.sleep(0.01)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, timeout)
+
+
+async def test_relay_publishes_everything_and_deletes_it() -> None:
+    store = InMemoryStore()
+    rows(store, 25)
+    pub = StubPublisher()
+    relay = Relay(SETTINGS, store, pub, drain=True)
+    counts = await asyncio.wait_for(relay.run(), 5)
+    assert counts.published == 25 and not store.rows
+    assert [r.id for r in pub.published] == sorted(r.id for r in pub.published)
+
+
+async def test_mark_mode_keeps_rows_marked_sent() -> None:
+    store = InMemoryStore(on_sent="mark")
+    rows(store, 3)
+    await asyncio.wait_for(Relay(SETTINGS, store, StubPublisher(), drain=True).run(), 5)
+    assert all(r.sent for r in store.rows.values()) and len(store.rows) == 3
+
+
+async def test_a_failing_row_retries_with_backoff_then_dies_without_stopping_others() -> None:
+    now = [1000.0]
+    store = InMemoryStore(clock=lambda: now[0])
+    bad = store.insert("nowhere", {"x": 1})
+    rows(store, 20)
+    pub = StubPublisher(lambda r: Result(Outcome.FAILED, "returned: NO_ROUTE", "returned")
+                        if r.routing_key == "nowhere" else Result.confirmed())
+    relay = Relay(SETTINGS, store, pub)
+    task = asyncio.create_task(relay.run())
+    async with asyncio.timeout(5):
+        while len(store.rows) > 1:
+            await asyncio.sleep(0.01)
+        assert bad.attempts == 1 and bad.available_at > now[0]  # pushed back, not spinning
+        published_before = len(pub.published)
+        await asyncio.sleep(0.2)
+        assert len(pub.published) == published_before  # no retry before its time
+        for _ in range(SETTINGS.max_attempts):
+            now[0] += SETTINGS.retry_max + 1
+            while not bad.dead and bad.available_at <= now[0]:
+                await asyncio.sleep(0.01)
+    relay.stop()
+    await asyncio.wait_for(task, 5)
+    assert bad.dead and bad.attempts == SETTINGS.max_attempts
+    assert "NO_ROUTE" in (bad.last_error or "")
+    assert relay.counts.published == 20
+
+
+async def test_no_claims_while_the_broker_is_unavailable() -> None:
+    store = InMemoryStore()
+    rows(store, 5)
+    pub = StubPublisher()
+    pub.connected = False
+    relay = Relay(SETTINGS, store, pub)
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(0.3)
+    assert pub.published == [] and all(r.locked_by is None for r in store.rows.values())
+    assert not relay.ready
+    pub.connected = True
+    async with asyncio.timeout(5):
+        while store.rows:
+            await asyncio.sleep(0.01)
+    relay.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_lost_database_is_retried_and_unsettled_rows_stay_pending() -> None:
+    store = InMemoryStore()
+    rows(store, 5)
+    pub = StubPublisher(lambda r: Result(Outcome.UNSETTLED))
+    relay = Relay(SETTINGS, store, pub)
+    task = asyncio.create_task(relay.run())
+    async with asyncio.timeout(5):
+        while len(pub.published) < 10:
+            await asyncio.sleep(0.01)
+    assert len(store.rows) == 5 and all(r.attempts == 0 for r in store.rows.values())
+    store.down = True
+    await asyncio.sleep(0.2)
+    assert not relay.health.database
+    store.down = False
+    pub.rule = lambda r: Result.confirmed()
+    async with asyncio.timeout(10):
+        while store.rows:
+            await asyncio.sleep(0.01)
+    assert relay.health.database
+    relay.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_stop_settles_the_batch_in_flight() -> None:
+    store = InMemoryStore()
+    rows(store, 5)
+    gate = asyncio.Event()
+
+    class SlowPublisher(StubPublisher):
+        async def publish(self, batch, lane):  # type: ignore[no-untyped-def]
+            gate.set()
+            await asyncio.sleep(0.2)
+            return await super().publish(batch, lane)
+
+    relay = Relay(SETTINGS, store, SlowPublisher())
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(gate.wait(), 5)
+    relay.stop()
+    await asyncio.wait_for(task, 5)
+    assert not store.rows  # the batch in flight was confirmed and settled before exiting
