@@ -26,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import IO, Any
 
 SERVER = os.environ.get("RABBITMQ_SERVER", shutil.which("rabbitmq-server") or "rabbitmq-server")
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -64,6 +65,7 @@ class RabbitNode:
         self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self._prepared = False
+        self.console: IO[bytes] | None = None
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -88,14 +90,14 @@ class RabbitNode:
             return self
         self._prepare()
         self.console = open(self.base / "console.log", "ab")  # noqa: SIM115 (closed in _reap)
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         if os.geteuid() == 0:
             kwargs["user"] = "rabbitmq"
             kwargs["group"] = "rabbitmq"
         self.proc = subprocess.Popen(
             [_server_script()], env=self._env(), cwd=self.base, stdin=subprocess.DEVNULL,
             stdout=self.console, stderr=subprocess.STDOUT, start_new_session=True,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         self._wait_ready()
         return self
@@ -207,9 +209,8 @@ class RabbitNode:
 
     def _reap(self) -> None:
         self.proc = None
-        console = getattr(self, "console", None)
-        if console is not None:
-            console.close()
+        if self.console is not None:
+            self.console.close()
             self.console = None
 
 
