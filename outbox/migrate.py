@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from importlib import resources
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
+from alembic import command
 from outbox.settings import Settings
 
 
@@ -32,8 +31,8 @@ def sqlalchemy_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else database_url
 
 
-def _config(settings: Settings, stdout: io.TextIOBase | None = None) -> Config:
-    cfg = Config(stdout=stdout) if stdout is not None else Config()
+def _config(settings: Settings) -> Config:
+    cfg = Config()
     cfg.set_main_option("script_location", str(script_location()))
     cfg.attributes["schema"] = settings.schema
     cfg.attributes["sqlalchemy_url"] = sqlalchemy_url(settings.database_url)

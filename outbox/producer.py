@@ -2,7 +2,8 @@
 
     with Session(engine) as session, session.begin():
         session.add(order)
-        outbox.enqueue(session, "orders.created", {"id": order.id}, ordering_key=f"order-{order.id}")
+        outbox.enqueue(session, "orders.created", {"id": order.id},
+                       ordering_key=f"order-{order.id}")
 
 Works with a SQLAlchemy `Session`, `Connection`, `AsyncSession` or `AsyncConnection`, and with a raw
 psycopg `Connection` or `AsyncConnection` (use `enqueue_async` for the async ones). Nothing is

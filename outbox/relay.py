@@ -53,12 +53,15 @@ class StoreSession(Protocol):
 
     async def claim(self, limit: int) -> list[Row]:
         """Begin a transaction and lock up to ``limit`` ready rows, in id order."""
+        ...
 
     async def settle(self, settlement: Settlement) -> None:
         """Apply the batch's writes and commit (which releases the rows' locks)."""
+        ...
 
     async def release(self) -> None:
         """Roll back: every claimed row goes back to pending untouched."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -68,9 +71,11 @@ class Store(Protocol):
 
     async def session(self) -> StoreSession:
         """Open a connection for one lane (raises StoreUnavailable, PermanentRefusal)."""
+        ...
 
     async def listen(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` on every NOTIFY of the outbox until the connection fails (raises)."""
+        ...
 
     async def stats(self) -> Stats: ...
 
@@ -87,6 +92,7 @@ class Publisher(Protocol):
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until `ready`, at most ``timeout`` seconds."""
+        ...
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
         """Publish the rows in order, await their confirms; one `Result` per row.
@@ -94,6 +100,7 @@ class Publisher(Protocol):
         Never raises for a per-row problem or a lost connection: those are results (a lost
         connection makes the unconfirmed rows UNSETTLED).
         """
+        ...
 
 
 @dataclass(slots=True)
@@ -159,7 +166,7 @@ class Relay:
         self._rng = rng or random.Random()
         self._stopping = asyncio.Event()
         self._wakeups: list[asyncio.Event] = []
-        self._sessions_up = 0
+        self._lanes_connected: set[int] = set()
 
     @property
     def ready(self) -> bool:
@@ -174,6 +181,7 @@ class Relay:
 
     async def run(self) -> Counts:
         """Run until stopped (or drained); returns what this relay did."""
+        ...
         lanes = [asyncio.Event() for _ in range(self.settings.concurrency)]
         self._wakeups = lanes
         helpers = [asyncio.create_task(self._listen(), name="outbox-listen")]
@@ -200,7 +208,7 @@ class Relay:
                 try:
                     if session is None:
                         session = await self.store.session()
-                        self._database_up(True)
+                        self._database_up(lane, True)
                     wake.clear()
                     rows = await session.claim(self.settings.batch_size)
                     if not rows:
@@ -213,12 +221,14 @@ class Relay:
                     failures = 0
                 except StoreUnavailable as exc:
                     failures += 1
-                    session = await self._drop(session)
-                    self._database_up(False, str(exc))
+                    await self._drop(session)
+                    session = None
+                    self._database_up(lane, False, str(exc))
                     await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 except PermanentRefusal as exc:
-                    session = await self._drop(session)
-                    self._database_up(False, str(exc))
+                    await self._drop(session)
+                    session = None
+                    self._database_up(lane, False, str(exc))
                     await self._pause(REFUSED_RETRY)
         finally:
             await self._drop(session)
@@ -273,18 +283,22 @@ class Relay:
         self._refresh_ready()
         return self.publisher.ready and not self._stopping.is_set()
 
-    def _database_up(self, up: bool, problem: str = "") -> None:
-        if up != self.health.database:
-            if up:
+    def _database_up(self, lane: int, up: bool, problem: str = "") -> None:
+        """Record one lane's connection state; the database is up while any lane is."""
+        was = self.health.database
+        if up:
+            self._lanes_connected.add(lane)
+            self.health.problems.pop("database", None)
+        else:
+            self._lanes_connected.discard(lane)
+            self.health.problems["database"] = problem
+        self.health.database = bool(self._lanes_connected)
+        if self.health.database != was:
+            if self.health.database:
                 log.info("database connected")
             else:
                 log.error("database unavailable", extra={"fields": {"error": problem}})
-        self.health.database = up
-        if problem:
-            self.health.problems["database"] = problem
-        else:
-            self.health.problems.pop("database", None)
-        metrics.CONNECTED.labels("database").set(1 if up else 0)
+        metrics.CONNECTED.labels("database").set(1 if self.health.database else 0)
         self._refresh_ready()
 
     def _refresh_ready(self) -> None:
@@ -302,6 +316,7 @@ class Relay:
 
     async def _listen(self) -> None:
         """Wake every lane on NOTIFY; polling covers the gaps while this reconnects."""
+        ...
         failures = 0
         while True:
             try:

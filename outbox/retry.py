@@ -11,5 +11,6 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random | None = N
     ``base * 2**(attempt-1)``, capped at ``cap``, then jittered to between half and all of it
     ("equal jitter"), so rows that failed together do not come back together.
     """
-    exp = min(cap, base * (2 ** min(attempt - 1, 62)))
-    return exp * (0.5 + (rng or random).random() / 2)
+    exp = min(cap, base * float(2 ** min(attempt - 1, 62)))
+    r = rng.random() if rng is not None else random.random()
+    return exp * (0.5 + r / 2)

@@ -1,8 +1,9 @@
 """All configuration in one validated object.
 
 Every setting has a command-line flag and an ``OUTBOX_*`` environment variable; secrets also take
-``OUTBOX_*_FILE`` (a path, as mounted from a Kubernetes Secret). Precedence: flag, then variable,
-then ``*_FILE``, then the default. A bad value raises `ConfigError` with one line naming the setting.
+``OUTBOX_*_FILE`` (a path, as mounted from a Kubernetes Secret). Precedence: flag, then
+variable, then ``*_FILE``, then the default. A bad value raises `ConfigError` with one line
+naming the setting.
 """
 
 from __future__ import annotations

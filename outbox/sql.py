@@ -34,14 +34,14 @@ class Queries:
         self.schema = schema
         ident = sql.Identifier(schema)
         channel = sql.Identifier(channel_name(schema))
-        self._q = {
+        self._q: dict[str, sql.Composed] = {
             name: sql.SQL(text).format(schema=ident, channel=channel)
             if "{channel}" in text else sql.SQL(text).format(schema=ident)
             for name, text in raw_queries().items()
         }
 
     def __getitem__(self, name: str) -> sql.Composed:
-        return self._q[name]  # type: ignore[return-value]
+        return self._q[name]
 
     def text(self, name: str) -> str:
         """The query as a plain string (for drivers other than psycopg)."""

@@ -62,7 +62,9 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-async def connect(settings: Settings, *, autocommit: bool, purpose: str) -> psycopg.AsyncConnection[Any]:
+async def connect(
+    settings: Settings, *, autocommit: bool, purpose: str,
+) -> psycopg.AsyncConnection[Any]:
     """Open a connection with the relay's session settings and deadlines."""
     timeout_ms = int(settings.db_timeout * 1000)
     # A claimed batch is open for at most the publish deadline plus a few queries; anything

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,14 @@ from outbox.settings import Settings
 DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
+                     interval: float = 0.01) -> None:
+    """Poll a condition that has no event to await; fails with TimeoutError after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
 
 
 def unique(prefix: str) -> str:

@@ -10,6 +10,7 @@ from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
+from tests.support import wait_until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
                           "poll_interval": 0.05}, environ={})
@@ -55,17 +56,6 @@ def test_oversized_rows_are_poison() -> None:
     assert "exceeds the limit of 50" in found[2].reason
 
 
-async def run_until(relay: Relay, done: object, timeout: float = 5.0) -> None:
-    task = asyncio.create_task(relay.run())
-    try:
-        async with asyncio.timeout(timeout):
-            while not done():  # type: ignore[operator]
-                await asyncio.sleep(0.01)
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, timeout)
-
-
 async def test_relay_publishes_everything_and_deletes_it() -> None:
     store = InMemoryStore()
     rows(store, 25)
@@ -92,17 +82,14 @@ async def test_a_failing_row_retries_with_backoff_then_dies_without_stopping_oth
                         if r.routing_key == "nowhere" else Result.confirmed())
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    async with asyncio.timeout(5):
-        while len(store.rows) > 1:
-            await asyncio.sleep(0.01)
-        assert bad.attempts == 1 and bad.available_at > now[0]  # pushed back, not spinning
-        published_before = len(pub.published)
-        await asyncio.sleep(0.2)
-        assert len(pub.published) == published_before  # no retry before its time
-        for _ in range(SETTINGS.max_attempts):
-            now[0] += SETTINGS.retry_max + 1
-            while not bad.dead and bad.available_at <= now[0]:
-                await asyncio.sleep(0.01)
+    await wait_until(lambda: len(store.rows) == 1, 5)
+    assert bad.attempts == 1 and bad.available_at > now[0]  # pushed back, not spinning
+    published_before = len(pub.published)
+    await asyncio.sleep(0.2)  # a window in which nothing may happen
+    assert len(pub.published) == published_before  # no retry before its time
+    for _ in range(SETTINGS.max_attempts):
+        now[0] += SETTINGS.retry_max + 1
+        await wait_until(lambda: bad.dead or bad.available_at > now[0], 5)
     relay.stop()
     await asyncio.wait_for(task, 5)
     assert bad.dead and bad.attempts == SETTINGS.max_attempts
@@ -117,13 +104,11 @@ async def test_no_claims_while_the_broker_is_unavailable() -> None:
     pub.connected = False
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window in which nothing may be claimed
     assert pub.published == [] and all(r.locked_by is None for r in store.rows.values())
     assert not relay.ready
     pub.connected = True
-    async with asyncio.timeout(5):
-        while store.rows:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: not store.rows, 5)
     relay.stop()
     await asyncio.wait_for(task, 5)
 
@@ -134,19 +119,14 @@ async def test_lost_database_is_retried_and_unsettled_rows_stay_pending() -> Non
     pub = StubPublisher(lambda r: Result(Outcome.UNSETTLED))
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    async with asyncio.timeout(5):
-        while len(pub.published) < 10:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: len(pub.published) >= 10, 5)
     assert len(store.rows) == 5 and all(r.attempts == 0 for r in store.rows.values())
     store.down = True
-    await asyncio.sleep(0.2)
-    assert not relay.health.database
+    await wait_until(lambda: not relay.health.database, 5)
     store.down = False
     pub.rule = lambda r: Result.confirmed()
-    async with asyncio.timeout(10):
-        while store.rows:
-            await asyncio.sleep(0.01)
-    assert relay.health.database
+    await wait_until(lambda: not store.rows, 10)
+    await wait_until(lambda: relay.health.database, 10)
     relay.stop()
     await asyncio.wait_for(task, 5)
 
