@@ -106,6 +106,14 @@ DELETE FROM {schema}.inbox
 INSERT INTO {schema}.inbox (consumer, message_id) VALUES (%(consumer)s, %(message_id)s)
 ON CONFLICT DO NOTHING;
 
+-- inbox_record_many --
+-- `inbox_record` for a micro-batch (outbox.consumer): returns the ids that were new; the others were
+-- processed before. Sorted, so that consumers racing on the same ids lock them in the same order.
+INSERT INTO {schema}.inbox (consumer, message_id)
+SELECT CAST(%(consumer)s AS text), m FROM unnest(CAST(%(message_ids)s AS uuid[])) AS m ORDER BY m
+ON CONFLICT DO NOTHING
+RETURNING message_id;
+
 -- enqueue --
 -- The producer's insert (outbox.producer); any language can write the same statement.
 INSERT INTO {schema}.outbox (exchange, routing_key, payload, payload_bytes, content_type, headers,
