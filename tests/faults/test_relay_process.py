@@ -1,0 +1,123 @@
+"""Relay processes that die or are stopped mid-batch, and several relays racing for the rows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from tests import support
+from tests.faults.conftest import (
+    Ledger,
+    RelayProcess,
+    collecting,
+    fault_settings,
+    until,
+)
+
+pytestmark = pytest.mark.faults
+
+
+async def test_relay_sigkill_at_random_points_loses_nothing(
+    schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    """20 relays, each SIGKILLed at a random moment of its drain: claims go back, none lost."""
+    settings = fault_settings(schema, batch_size=200, concurrency=2)
+    rng = random.Random(7)
+    iterations = 20
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 3000, queue)
+        for i in range(iterations):
+            if support.count(settings, "sent_at IS NULL AND dead_at IS NULL") < 1500:
+                ledger.insert(settings, 1500, queue, start=10_000 * (i + 1))
+            relay = relays(settings)
+            before = len(consumer.received)
+            # kill at a random point after it started publishing (mid-batch, usually)
+            await until(lambda b=before: len(consumer.received) > b, 15, "the relay publishing")
+            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            relay.kill(signal.SIGKILL)
+            assert await relay.wait(10) == -signal.SIGKILL
+        # the killed relays' claims are released (their transactions rolled back): a last relay
+        # finishes everything
+        last = relays(settings, "--drain")
+        assert await last.wait(60) == 0, last.log_tail()
+        tally = await ledger.account()
+    assert tally.dead == 0
+    # a duplicate needs a kill between confirm and commit: at most the batches in flight
+    assert tally.duplicates <= iterations * settings.batch_size * settings.concurrency
+
+
+async def test_sigterm_during_large_drain_exits_0_and_next_relay_finishes(
+    schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    settings = fault_settings(schema, batch_size=500, shutdown_timeout=5.0)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 20_000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 2000, 30, "the drain under way")
+        t0 = time.monotonic()
+        relay.kill(signal.SIGTERM)
+        code = await relay.wait(settings.shutdown_timeout + 5)
+        took = time.monotonic() - t0
+        assert code == 0, relay.log_tail()
+        assert took < settings.shutdown_timeout + 2, f"exit took {took:.1f}s"
+        print(f"\nSIGTERM -> exit 0 in {took:.2f}s with "
+              f"{support.count(settings, 'sent_at IS NULL')} rows left")
+        assert support.count(settings, "sent_at IS NULL") > 0, "the drain was over already"
+        last = relays(settings, "--drain")
+        assert await last.wait(60) == 0, last.log_tail()
+        tally = await ledger.account()
+    assert tally.dead == 0
+    # a clean stop settles its batches: nothing is published twice
+    assert tally.duplicates == 0
+
+
+async def test_second_sigterm_exits_at_once_and_loses_nothing(
+    schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    settings = fault_settings(schema, batch_size=500, shutdown_timeout=30.0)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 10_000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 1000, 30, "the drain under way")
+        relay.kill(signal.SIGTERM)
+        relay.kill(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = await relay.wait(10)
+        assert time.monotonic() - t0 < 5
+        assert code in (0, 1), relay.log_tail()
+        last = relays(settings, "--drain")
+        assert await last.wait(60) == 0, last.log_tail()
+        await ledger.account()
+
+
+async def test_several_relays_racing_publish_each_row_once_in_key_order(
+    schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    settings = fault_settings(schema, batch_size=100, concurrency=2)
+    keys = [f"k{i % 20}" if i % 2 else None for i in range(6000)]
+    async with collecting(ledger, [queue]) as consumer:
+        racing = [relays(settings) for _ in range(3)]
+        ledger.insert(settings, 6000, queue, keys=keys)
+        await ledger.wait_settled(60)
+        assert all(r.alive for r in racing)
+        tally = await ledger.account()
+        # per-key order: the consumer (one queue) sees each key's rows in insertion order
+        last: dict[str, int] = {}
+        for mid in consumer.received:
+            n = orjson.loads(consumer.bodies[mid])["n"]
+            key = keys[n]
+            if key is not None:
+                assert n > last.get(key, -1), f"key {key}: row {n} after row {last[key]}"
+                last[key] = n
+        for r in racing:
+            r.kill(signal.SIGTERM)
+        for r in racing:
+            assert await r.wait(15) == 0, r.log_tail()
+    assert tally.duplicates == 0
+    assert tally.dead == 0
