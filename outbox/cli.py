@@ -144,6 +144,13 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from outbox import doctor
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return doctor.report(_run(doctor.diagnose(overrides, args.exchange or ())))
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     return _prune(args, "cleanup", "sent rows")
 
@@ -208,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--all", action="store_true", help="every dead row")
 
+    add("doctor", cmd_doctor, "check settings, database, schema, NOTIFY and broker; exit 1 on a "
+        "FAIL", [f.name for f in fields(Settings)]).add_argument(
+        "--exchange", action="append", help="probe a publish to this exchange instead of the "
+        "default one (repeatable)")
     clean = add("cleanup", cmd_cleanup,
                 "delete rows marked sent (--on-sent mark) older than a retention")
     clean.add_argument("--older-than", type=duration, default=duration("7d"),

@@ -130,3 +130,51 @@ LISTEN {channel};
 -- schema_exists --
 -- Whether the outbox table exists in the schema.
 SELECT to_regclass(%(table)s) IS NOT NULL;
+
+-- doctor_server --
+-- `outbox doctor`: who we are and what the server runs.
+SELECT current_user, current_setting('server_version'),
+       current_setting('server_version_num')::int, current_setting('autovacuum')::bool;
+
+-- doctor_tables --
+-- `outbox doctor`: the outbox's tables present in the schema, with their storage parameters.
+SELECT c.relname, coalesce(c.reloptions, ARRAY[]::text[])
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p')
+   AND c.relname IN ('outbox', 'inbox', 'outbox_schema_version');
+
+-- doctor_revision --
+-- `outbox doctor`: the Alembic revision the schema is at.
+SELECT version_num FROM {schema}.outbox_schema_version;
+
+-- doctor_indexes --
+-- `outbox doctor`: the indexes of the outbox and inbox tables and whether each is usable.
+SELECT i.relname, x.indisvalid AND x.indisready
+  FROM pg_index x
+  JOIN pg_class i ON i.oid = x.indexrelid
+  JOIN pg_class t ON t.oid = x.indrelid
+  JOIN pg_namespace n ON n.oid = t.relnamespace
+ WHERE n.nspname = %(schema)s AND t.relname IN ('outbox', 'inbox');
+
+-- doctor_trigger --
+-- `outbox doctor`: the NOTIFY trigger of the outbox table and whether it fires ('D' = disabled).
+SELECT t.tgenabled::text
+  FROM pg_trigger t
+  JOIN pg_class c ON c.oid = t.tgrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = 'outbox' AND t.tgname = 'outbox_notify';
+
+-- doctor_privileges --
+-- `outbox doctor`: whether the current role can do what the relay does, and whether it can do more.
+SELECT has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'DELETE'),
+       (SELECT bool_and(has_column_privilege(c.oid, col, 'UPDATE'))
+          FROM unnest(ARRAY['attempts', 'available_at', 'last_error', 'dead_at', 'sent_at'])
+               AS col),
+       pg_has_role(c.relowner, 'USAGE'),
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = 'outbox';
+
+-- doctor_notify --
+-- `outbox doctor`: wake the outbox channel without inserting anything (listeners see one wake-up).
+SELECT pg_notify(%(channel)s, '');
