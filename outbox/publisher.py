@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
+import re
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -74,7 +76,7 @@ class AmqpPublisher:
         self.problem = ""
         self.connection: aiormq.Connection | None = None
         self.current_url = ""
-        self._channels: dict[int, aiormq.abc.AbstractChannel] = {}
+        self._channels: dict[int, aiormq.Channel] = {}
         self._channel_locks: dict[int, asyncio.Lock] = {}
         self._connected = asyncio.Event()
         self._rng = rng or random.Random()
@@ -168,7 +170,7 @@ class AmqpPublisher:
                 async with asyncio.timeout(1.0):
                     await conn.close()
 
-    async def _channel(self, lane: int) -> aiormq.abc.AbstractChannel:
+    async def _channel(self, lane: int) -> aiormq.Channel:
         channel = self._channels.get(lane)
         if channel is not None and not channel.is_closed:
             return channel
@@ -177,7 +179,9 @@ class AmqpPublisher:
             raise BrokerUnavailable("not connected to the broker")
         try:
             async with asyncio.timeout(self._timeout):
-                channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+                opened = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(opened, aiormq.Channel)
+            channel = opened
         except (amqp_exc.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
         self._channels[lane] = channel
@@ -195,7 +199,7 @@ class AmqpPublisher:
             message_type=row.message_type,
             correlation_id=row.correlation_id,
             app_id=self.settings.app_id,
-            headers=orjson.loads(row.headers) if row.headers is not None else None,
+            headers=parse_headers(row.headers) if row.headers is not None else None,
         )
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
@@ -218,7 +222,8 @@ class AmqpPublisher:
             channel = await self._channel(lane)
         except BrokerUnavailable:
             return
-        tasks: dict[int, asyncio.Future[Any]] = {}
+        sendable: list[int] = []
+        messages: list[Message] = []
         for i in indices:
             row = rows[i]
             try:
@@ -226,11 +231,11 @@ class AmqpPublisher:
             except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
                 results[i] = Result(Outcome.POISON, f"headers cannot be sent: {exc}", "poison")
                 continue
-            tasks[i] = asyncio.ensure_future(channel.basic_publish(
-                row.body, exchange=row.exchange, routing_key=row.routing_key,
-                properties=props, mandatory=True, wait=False))
-        if not tasks:
+            sendable.append(i)
+            messages.append((row.body, row.exchange, row.routing_key, props))
+        if not messages:
             return
+        tasks = dict(zip(sendable, publish_pipelined(channel, messages), strict=True))
         _, pending = await asyncio.wait(tasks.values(), timeout=remaining)
         collateral: list[int] = []
         channel_error = ""
@@ -244,24 +249,24 @@ class AmqpPublisher:
                               Result(Outcome.FAILED, f"no confirm within {self._timeout:g}s",
                                      "timeout"))
                 continue
-            exc = task.exception()
-            if exc is None:
+            error = task.exception()
+            if error is None:
                 results[i] = _CONFIRMED
-            elif isinstance(exc, amqp_exc.PublishError):
-                results[i] = Result(Outcome.FAILED, f"returned by the broker: {_reply(exc)}",
+            elif isinstance(error, amqp_exc.PublishError):
+                results[i] = Result(Outcome.FAILED, f"returned by the broker: {_reply(error)}",
                                     "returned")
-            elif isinstance(exc, amqp_exc.DeliveryError):
+            elif isinstance(error, amqp_exc.DeliveryError):
                 results[i] = Result(Outcome.FAILED, "nacked by the broker", "nack")
-            elif isinstance(exc, amqp_exc.ChannelClosed | amqp_exc.ChannelInvalidStateError):
+            elif isinstance(error, amqp_exc.ChannelClosed | amqp_exc.ChannelInvalidStateError):
                 collateral.append(i)
-                channel_error = str(exc)
-            elif isinstance(exc, TypeError | ValueError):
-                results[i] = Result(Outcome.POISON, f"cannot be encoded as AMQP: {exc}",
+                channel_error = str(error)
+            elif isinstance(error, TypeError | ValueError):
+                results[i] = Result(Outcome.POISON, f"cannot be encoded as AMQP: {error}",
                                     "poison")
-            elif isinstance(exc, amqp_exc.AMQPConnectionError | ConnectionError):
+            elif isinstance(error, amqp_exc.AMQPConnectionError | ConnectionError):
                 pass  # UNSETTLED
             else:
-                log.error("unexpected publish error", exc_info=exc)
+                log.error("unexpected publish error", exc_info=error)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if stalled and not self.blocked:
@@ -279,6 +284,44 @@ class AmqpPublisher:
             for part in (collateral[:half], collateral[half:]):
                 if part:
                     await self._publish_into(rows, part, lane, results, deadline)
+
+
+Message = tuple[bytes, str, str, spec.Basic.Properties]
+"""body, exchange, routing key, properties"""
+
+
+def publish_pipelined(
+    channel: aiormq.abc.AbstractChannel, messages: Sequence[Message],
+) -> list[asyncio.Future[Any]]:
+    """Write every message (``mandatory=True``) on a confirm-mode channel, in order, without
+    waiting; returns one future per message that resolves with its confirm (or fails: nack,
+    return, closed channel, encoding error). The benchmark's ceiling uses it too."""
+    return [asyncio.ensure_future(channel.basic_publish(
+        body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=True,
+        wait=False)) for body, exchange, routing_key, props in messages]
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def parse_headers(text: str) -> dict[str, Any]:
+    """The headers jsonb as a dict; raises ValueError for an integer AMQP cannot carry.
+
+    orjson turns an integer beyond 64 bits into a float without a word, which would publish a
+    different value than the producer wrote; so text with a 19-digit run is parsed again by the
+    standard library, which keeps integers exact, and the range is checked.
+    """
+    headers: dict[str, Any] = orjson.loads(text)
+    if _LONG_DIGITS.search(text):
+        headers = json.loads(text, parse_int=_amqp_int)
+    return headers
+
+
+def _amqp_int(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {text} is outside AMQP's signed 64-bit range")
+    return value
 
 
 def _reply(exc: amqp_exc.PublishError) -> str:

@@ -1,0 +1,1 @@
+"""The benchmark harness of outbox (`make bench`, `make bench-long`): measures, never asserts."""

@@ -1,0 +1,170 @@
+"""`python -m bench [--long]`: every figure of DESIGN.md's Performance section, in one run.
+
+Progress goes to stderr; stdout ends with one ``name: value`` line per figure. Nothing here
+asserts a timing: figures are medians of rounds, ratios are taken within this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import load, throughput
+from bench.common import AMQP_URL, DATABASE_URL, median, progress
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--long", action="store_true",
+                   help="add the 1M-row backlog and the bloat soak (tens of minutes)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per throughput figure")
+    p.add_argument("--rows", type=int, default=50_000, help="backlog of the relay and ceiling")
+    p.add_argument("--naive-rows", type=int, default=3_000, help="rows of the naive relay")
+    p.add_argument("--keyed-rows", type=int, default=50_000, help="rows over 1,000 keys")
+    p.add_argument("--hot-rows", type=int, default=2_000, help="rows of a single key")
+    p.add_argument("--latency-rate", type=float, default=1_000.0)
+    p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--idle-seconds", type=float, default=5.0)
+    p.add_argument("--big-backlog", type=int, default=1_000_000, help="--long: the big backlog")
+    p.add_argument("--soak-rate", type=float, default=2_000.0)
+    p.add_argument("--soak-seconds", type=float, default=600.0)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: "
+                   "keyed,hot,latency,inbox")
+    return p.parse_args(argv)
+
+
+class Figures:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.values[name] = value
+        progress(f"{name}: {fmt(value)}")
+
+    def print(self) -> None:
+        for name, value in self.values.items():
+            print(f"{name}: {fmt(value)}")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def spread(values: list[float]) -> str:
+    return "[" + " ".join(fmt(v) for v in values) + "]"
+
+
+def relay_rounds(rounds: int, rows: int, startup: float, startup_cpu: float,
+                 keys: int = 0) -> tuple[list[float], list[float], float]:
+    """Rates (msg/s, startup excluded), CPU µs per message, and the peak RSS of the relay."""
+    rates, cpu, rss = [], [], 0.0
+    for r in range(rounds):
+        wall, run = throughput.relay_drain(rows, keys)
+        rates.append(run.published / max(1e-6, wall - startup))
+        cpu.append((run.cpu - startup_cpu) / rows * 1e6)
+        rss = max(rss, run.peak_rss_mb)
+        progress(f"  relay{f' ({keys} keys)' if keys else ''} round {r + 1}: "
+                 f"{rates[-1]:.0f} msg/s, {cpu[-1]:.0f} µs CPU/msg")
+    return rates, cpu, rss
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    out = Figures()
+    progress(f"database {DATABASE_URL}, broker {AMQP_URL}; {args.rounds} rounds of "
+             f"{args.rows} messages")
+
+    progress("phase: relay startup (drain of an empty outbox)")
+    starts = [throughput.startup_seconds() for _ in range(args.rounds)]
+    startup = median([s.wall for s in starts])
+    startup_cpu = median([s.cpu for s in starts])
+    out["relay_startup_s"] = startup
+
+    ceiling: list[float] = []
+    relay: list[float] = []
+    cpu: list[float] = []
+    naive: list[float] = []
+    peak = 0.0
+    for r in range(args.rounds):
+        progress(f"phase: throughput round {r + 1} of {args.rounds}")
+        ceiling.append(asyncio.run(throughput.ceiling_rate(args.rows)))
+        progress(f"  ceiling: {ceiling[-1]:.0f} msg/s")
+        rates, cpus, rss = relay_rounds(1, args.rows, startup, startup_cpu)
+        relay += rates
+        cpu += cpus
+        peak = max(peak, rss)
+        naive.append(asyncio.run(throughput.naive_rate(args.naive_rows)))
+        progress(f"  naive: {naive[-1]:.0f} msg/s")
+    out["ceiling_msgs_per_s"] = median(ceiling)
+    out["relay_msgs_per_s"] = median(relay)
+    out["naive_msgs_per_s"] = median(naive)
+    out["relay_vs_ceiling"] = median(relay) / median(ceiling)
+    out["relay_vs_naive"] = median(relay) / median(naive)
+    out["relay_cpu_us_per_msg"] = median(cpu)
+    out["ceiling_rounds"] = spread(ceiling)
+    out["relay_rounds"] = spread(relay)
+    out["naive_rounds"] = spread(naive)
+    out["relay_vs_ceiling_rounds"] = spread([a / b for a, b in zip(relay, ceiling, strict=True)])
+    out["relay_peak_rss_mb"] = peak
+
+    if "keyed" not in skip:
+        progress(f"phase: keyed relay ({args.keyed_rows} rows over 1,000 ordering keys)")
+        keyed, _, _ = relay_rounds(args.rounds, args.keyed_rows, startup, startup_cpu, keys=1000)
+        out["keyed_relay_msgs_per_s"] = median(keyed)
+        out["keyed_vs_unkeyed"] = median(keyed) / median(relay)
+    if "hot" not in skip:
+        progress(f"phase: one hot key ({args.hot_rows} rows of a single ordering key)")
+        hot, _, _ = relay_rounds(1, args.hot_rows, startup, startup_cpu, keys=1)
+        out["hot_key_msgs_per_s"] = median(hot)
+
+    if "latency" not in skip:
+        progress(f"phase: latency at {args.latency_rate:g} msg/s offered for "
+                 f"{args.latency_seconds:g} s, then {args.idle_seconds:g} s idle")
+        lf = asyncio.run(load.latency_and_idle(args.latency_rate, args.latency_seconds,
+                                               args.idle_seconds))
+        out["latency_p50_ms"] = lf.p50_ms
+        out["latency_p99_ms"] = lf.p99_ms
+        out["latency_offered"] = lf.offered
+        out["latency_received"] = lf.received
+        out["latency_late_statements"] = lf.late_statements
+        out["idle_cpu_percent"] = lf.idle_cpu_percent
+
+    if "inbox" not in skip and importlib.util.find_spec("bench.inbox") is not None:
+        from bench import inbox
+
+        consume: Callable[..., float] | None = getattr(inbox, "inbox_consume_rate", None)
+        if consume is not None:
+            progress("phase: inbox consumer (bench/inbox.py)")
+            out["inbox_consume_msgs_per_s"] = consume(DATABASE_URL, AMQP_URL, args.rows)
+
+    if args.long:
+        progress("phase: backlog of 10k rows (3 rounds)")
+        small, _, _ = relay_rounds(args.rounds, 10_000, startup, startup_cpu)
+        progress(f"phase: backlog of {args.big_backlog} rows")
+        big, _, big_rss = relay_rounds(1, args.big_backlog, startup, startup_cpu)
+        out["backlog_10k_msgs_per_s"] = median(small)
+        out["backlog_1m_msgs_per_s"] = big[0]
+        out["backlog_1m_vs_10k"] = big[0] / median(small)
+        out["relay_peak_rss_mb"] = max(peak, big_rss)
+        progress(f"phase: soak at {args.soak_rate:g} msg/s for {args.soak_seconds:g} s")
+        sf = asyncio.run(load.soak(args.soak_rate, args.soak_seconds))
+        out["outbox_table_mb_after_soak"] = sf.table_mb
+        out["soak_n_live_tup"] = sf.n_live_tup
+        out["soak_n_dead_tup"] = sf.n_dead_tup
+        out["soak_autovacuum_count"] = sf.autovacuum_count
+        out["soak_offered"] = sf.offered
+        out["soak_relay_peak_rss_mb"] = sf.relay_peak_rss_mb
+
+    out.print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

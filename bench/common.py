@@ -1,0 +1,166 @@
+"""What the benchmark phases share: servers, the message, queues, schemas, relay processes."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+import psycopg
+from psycopg import sql
+
+from outbox import migrate
+from outbox.settings import Settings
+
+DATABASE_URL = os.environ.get("OUTBOX_BENCH_DATABASE_URL",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("OUTBOX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PAD = 177  # {"n": 12345, "pad": "xx…"} is then about 200 bytes, as jsonb prints it
+
+
+def body(n: int) -> bytes:
+    """The benchmark message: the same text PostgreSQL prints for the rows' jsonb payload."""
+    return f'{{"n": {n}, "pad": "{"x" * PAD}"}}'.encode()
+
+
+def progress(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def settings_for(schema: str, **changes: Any) -> Settings:
+    base: dict[str, Any] = dict(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema,
+                                http_port=0, log_level="warning")
+    base.update(changes)
+    return Settings.load(base, environ={})
+
+
+class Schema:
+    """A dedicated schema migrated with `outbox.migrate.upgrade`, dropped on exit."""
+
+    def __init__(self) -> None:
+        self.name = unique("bench")
+        self.settings = settings_for(self.name)
+
+    def __enter__(self) -> Schema:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.name)))
+        migrate.upgrade(self.settings)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(self.name)))
+
+    def table(self) -> sql.Composed:
+        return sql.SQL("{}.outbox").format(sql.Identifier(self.name))
+
+    def fill(self, n: int, routing_key: str, keys: int = 0) -> None:
+        """Insert n rows in one statement; ``keys`` > 0 spreads them over as many ordering keys."""
+        key = (sql.SQL("'k' || (g %% {})").format(sql.Literal(keys)) if keys
+               else sql.SQL("NULL"))
+        q = sql.SQL(
+            "INSERT INTO {} (routing_key, payload, ordering_key) "
+            "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})), {} "
+            "FROM generate_series(1, %s) g").format(self.table(), sql.Literal(PAD), key)
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(q, (routing_key, n))
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(self.table()))
+            if keys:
+                self._wait_visible_to_all(conn)
+
+    def _wait_visible_to_all(self, conn: psycopg.Connection[Any], timeout: float = 60) -> None:
+        # A keyed row is claimable only once every transaction older than its own has ended
+        # (ordering); other sessions on a shared server can hold one open for a while.
+        q = sql.SQL("SELECT pg_snapshot_xmin(pg_current_snapshot()) > max(xact_id) FROM {}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = conn.execute(q.format(self.table())).fetchone()
+            if rec is None or rec[0] is not False:
+                return
+            time.sleep(0.1)
+        progress(f"an older transaction kept the keyed rows waiting for over {timeout:g} s")
+
+    def pending(self) -> int:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            rec = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE sent_at IS NULL")
+                               .format(self.table())).fetchone()
+        assert rec is not None
+        return int(rec[0])
+
+
+class Queue:
+    """A fresh durable queue on the default exchange, deleted on exit."""
+
+    def __init__(self) -> None:
+        self.name = unique("bench")
+
+    async def __aenter__(self) -> Queue:
+        conn = await aiormq.connect(AMQP_URL)
+        try:
+            ch = await conn.channel()
+            await ch.queue_declare(self.name, durable=True)
+        finally:
+            await conn.close()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn = await aiormq.connect(AMQP_URL)
+        try:
+            ch = await conn.channel()
+            await ch.queue_delete(self.name)
+        finally:
+            await conn.close()
+
+
+def relay_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update({
+        "OUTBOX_DATABASE_URL": settings.database_url, "OUTBOX_AMQP_URL": settings.amqp_url,
+        "OUTBOX_SCHEMA": settings.schema, "OUTBOX_HTTP_PORT": "0", "OUTBOX_LOG_LEVEL": "warning",
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ProcessRun:
+    """Wall time, CPU seconds and peak RSS of one finished relay process."""
+
+    wall: float
+    cpu: float
+    peak_rss_mb: float
+    returncode: int
+    published: int = 0
+
+
+def run_drain(settings: Settings, **env: str) -> ProcessRun:
+    """Run `python -m outbox relay --drain` to the end, measured by the kernel (wait4)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay", "--drain"],
+                                env=relay_env(settings, **env), stdout=subprocess.DEVNULL,
+                                stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            progress(f"relay exited {code}: {err.read().decode(errors='replace')[-2000:]}")
+    return ProcessRun(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, code)

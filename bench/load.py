@@ -1,0 +1,220 @@
+"""Live-load phases: commit-to-receive latency under a steady offered load, an idle relay's CPU,
+and the outbox table's size after a sustained run (the bloat soak)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import aiormq
+import orjson
+import psutil
+import psycopg
+from psycopg import sql
+
+from bench.common import AMQP_URL, DATABASE_URL, PAD, Queue, Schema, progress, relay_env
+
+
+class Receiver:
+    """Consumes the queue (no ack) and notes when each message number arrived."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.received: dict[int, float] = {}
+        self.count = 0
+        self._changed = asyncio.Event()
+        self._conn: aiormq.abc.AbstractConnection | None = None
+
+    async def __aenter__(self) -> Receiver:
+        self._conn = await aiormq.connect(AMQP_URL)
+        ch = await self._conn.channel()
+        await ch.basic_qos(prefetch_count=2000)
+        await ch.basic_consume(self.queue, self._on_message, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        now = time.perf_counter()
+        self.count += 1
+        self.received[orjson.loads(msg.body)["n"]] = now
+        self._changed.set()
+
+    async def wait_for(self, n: int, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while self.count < n:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Producers:
+    """``workers`` connections each committing ``rows`` rows per statement at a steady pace so that
+    together they offer ``rate`` messages per second."""
+
+    schema: Schema
+    routing_key: str
+    rate: float
+    workers: int = 4
+    rows: int = 1
+    committed: dict[int, float] = field(default_factory=dict)
+    late: int = 0  # statements that started more than 10 ms behind schedule (offered load slipped)
+    _next: int = 1_000_000
+
+    async def run(self, seconds: float) -> None:
+        await asyncio.gather(*(self._worker(w, seconds) for w in range(self.workers)))
+
+    async def _worker(self, worker: int, seconds: float) -> None:
+        insert = sql.SQL(
+            "INSERT INTO {} (routing_key, payload) "
+            "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})) "
+            "FROM generate_series(%s::int, %s::int) g").format(
+                self.schema.table(), sql.Literal(PAD))
+        interval = self.workers * self.rows / self.rate
+        async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+            loop = asyncio.get_running_loop()
+            start = loop.time() + worker * interval / self.workers
+            k = 0
+            while True:
+                due = start + k * interval
+                if due - start > seconds:
+                    return
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -0.01:
+                    self.late += 1
+                first = self._next
+                self._next += self.rows
+                await conn.execute(insert, (self.routing_key, first, first + self.rows - 1),
+                                   prepare=True)
+                done = time.perf_counter()
+                for n in range(first, first + self.rows):
+                    self.committed[n] = done
+                k += 1
+
+
+class RelayProcess:
+    """A long-running `outbox relay` subprocess (stopped with SIGTERM, by its pid)."""
+
+    def __init__(self, schema: Schema, **env: str) -> None:
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay"],
+                                     env=relay_env(schema.settings, **env),
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        self.ps = psutil.Process(self.proc.pid)
+        self.peak_rss_mb = 0.0
+
+    def sample_rss(self) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
+
+    def stop(self) -> float:
+        """SIGTERM, wait; returns the kernel's peak RSS in MB."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            self._err.seek(0)
+            progress(f"relay exited {code}: {self._err.read().decode(errors='replace')[-2000:]}")
+        self._err.close()
+        return max(self.peak_rss_mb, usage.ru_maxrss / 1024)
+
+
+async def _warm_up(schema: Schema, receiver: Receiver, queue: str) -> None:
+    warm = Producers(schema, queue, rate=100, workers=1)
+    warm._next = 1  # numbers below 1,000,000 are not counted
+    await warm.run(0.05)
+    if not await receiver.wait_for(len(warm.committed), 30):
+        raise RuntimeError("the relay did not publish the warm-up rows within 30 s")
+    receiver.received.clear()
+    receiver.count = 0
+
+
+@dataclass
+class LoadFigures:
+    p50_ms: float
+    p99_ms: float
+    offered: int
+    received: int
+    late_statements: int
+    idle_cpu_percent: float
+
+
+async def latency_and_idle(rate: float, seconds: float, idle_seconds: float) -> LoadFigures:
+    """Producers offer ``rate`` msg/s for ``seconds`` while a relay runs; commit-to-receive
+    latency per message (an upper bound of commit-to-confirm: it adds the delivery to the
+    consumer). Then the same relay sits idle for ``idle_seconds`` and its CPU is sampled."""
+    async with Queue() as queue, Receiver(queue.name) as receiver:
+        with Schema() as schema:
+            relay = RelayProcess(schema)
+            try:
+                await _warm_up(schema, receiver, queue.name)
+                producers = Producers(schema, queue.name, rate)
+                await producers.run(seconds)
+                offered = len(producers.committed)
+                await receiver.wait_for(offered, 30)
+                lat = sorted((receiver.received[n] - t) * 1000
+                             for n, t in producers.committed.items() if n in receiver.received)
+                await asyncio.sleep(1.0)  # let the relay settle into idleness
+                relay.ps.cpu_percent(None)
+                await asyncio.sleep(idle_seconds)
+                idle = relay.ps.cpu_percent(None)
+            finally:
+                relay.stop()
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+    return LoadFigures(pct(0.50), pct(0.99), offered, len(lat), producers.late, idle)
+
+
+@dataclass
+class SoakFigures:
+    table_mb: float
+    n_live_tup: int
+    n_dead_tup: int
+    autovacuum_count: int
+    offered: int
+    relay_peak_rss_mb: float
+
+
+async def soak(rate: float, seconds: float) -> SoakFigures:
+    """Producers offer ``rate`` msg/s for ``seconds`` while a relay deletes what it confirms; then
+    the outbox table's total size (heap + indexes + toast) and its dead tuples."""
+    async with Queue() as queue, Receiver(queue.name) as receiver:
+        with Schema() as schema:
+            relay = RelayProcess(schema)
+            try:
+                await _warm_up(schema, receiver, queue.name)
+                producers = Producers(schema, queue.name, rate, workers=10, rows=10)
+                task = asyncio.create_task(producers.run(seconds))
+                while not task.done():
+                    relay.sample_rss()
+                    await asyncio.wait([task], timeout=5)
+                await task
+                await receiver.wait_for(len(producers.committed), 60)
+                stats = sql.SQL(
+                    "SELECT pg_total_relation_size(%s::regclass), n_live_tup, n_dead_tup, "
+                    "autovacuum_count FROM pg_stat_user_tables "
+                    "WHERE schemaname = %s AND relname = 'outbox'")
+                async with await psycopg.AsyncConnection.connect(
+                        DATABASE_URL, autocommit=True) as conn:
+                    await asyncio.sleep(1.0)  # statistics are reported with a short delay
+                    cur = await conn.execute(stats, (schema.table().as_string(conn),
+                                                     schema.name))
+                    rec = await cur.fetchone()
+                    assert rec is not None
+            finally:
+                peak = relay.stop()
+    size, live, dead, vacuums = rec
+    return SoakFigures(size / 2**20, live, dead, vacuums, len(producers.committed), peak)

@@ -1,0 +1,113 @@
+"""The three-way throughput comparison: the broker's ceiling, the relay, a naive relay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import aiormq
+import psycopg
+from pamqp import commands as spec
+from psycopg import sql
+
+from bench.common import (
+    AMQP_URL,
+    DATABASE_URL,
+    ProcessRun,
+    Queue,
+    Schema,
+    body,
+    progress,
+    run_drain,
+)
+from outbox.publisher import Message, publish_pipelined
+
+
+def _properties(n: int) -> spec.Basic.Properties:
+    # The same properties the relay sets for a row of the benchmark.
+    return spec.Basic.Properties(
+        content_type="application/json", delivery_mode=2, message_id=str(uuid.uuid4()),
+        timestamp=datetime.now(UTC), app_id="outbox")
+
+
+async def ceiling_rate(n: int) -> float:
+    """Raw aiormq: publish n messages pipelined (the relay's technique), then await every confirm.
+    Messages are built (properties included) inside the timed section, as the relay builds them."""
+    async with Queue() as queue:
+        conn = await aiormq.connect(AMQP_URL)
+        try:
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            start = time.perf_counter()
+            messages: list[Message] = [(body(i), "", queue.name, _properties(i))
+                                       for i in range(n)]
+            futures = publish_pipelined(channel, messages)
+            await asyncio.gather(*futures)
+            elapsed = time.perf_counter() - start
+        finally:
+            await conn.close()
+    return n / elapsed
+
+
+def startup_seconds() -> ProcessRun:
+    """A drain of an empty outbox: process start, imports, connections, exit."""
+    with Schema() as schema:
+        return run_drain(schema.settings)
+
+
+def relay_drain(n: int, keys: int = 0, **env: str) -> tuple[float, ProcessRun]:
+    """`outbox relay --drain` over a backlog of n rows; returns (seconds of work, the process).
+    The caller subtracts the startup time it measured."""
+    async def _run() -> tuple[float, ProcessRun]:
+        async with Queue() as queue:
+            with Schema() as schema:
+                schema.fill(n, queue.name, keys)
+                run = await asyncio.to_thread(run_drain, schema.settings, **env)
+                left = schema.pending()
+                if left:
+                    progress(f"the relay left {left} of {n} rows pending (counted as not sent)")
+        run.published = n - left
+        return run.wall, run
+
+    return asyncio.run(_run())
+
+
+async def naive_rate(n: int) -> float:
+    """What a user would write: per row, lock one row, publish it, await its confirm, delete it,
+    commit."""
+    async with Queue() as queue:
+        with Schema() as schema:
+            schema.fill(n, queue.name)
+            table = schema.table()
+            select = sql.SQL(
+                "SELECT id, message_id, payload::text, created_at FROM {} "
+                "WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= now() "
+                "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").format(table)
+            delete = sql.SQL("DELETE FROM {} WHERE id = %s").format(table)
+            amqp = await aiormq.connect(AMQP_URL)
+            db = await psycopg.AsyncConnection.connect(DATABASE_URL)
+            try:
+                channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+                start = time.perf_counter()
+                done = 0
+                while True:
+                    cur = await db.execute(select)
+                    rec = await cur.fetchone()
+                    if rec is None:
+                        await db.commit()
+                        break
+                    id_, message_id, payload, created_at = rec
+                    await channel.basic_publish(
+                        payload.encode(), routing_key=queue.name, mandatory=True,
+                        properties=spec.Basic.Properties(
+                            content_type="application/json", delivery_mode=2,
+                            message_id=str(message_id), timestamp=created_at, app_id="outbox"))
+                    await db.execute(delete, (id_,))
+                    await db.commit()
+                    done += 1
+                elapsed = time.perf_counter() - start
+            finally:
+                await db.close()
+                await amqp.close()
+    return done / elapsed

@@ -1,0 +1,29 @@
+"""The benchmark harness runs end to end with tiny sizes so it cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import load, throughput
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_ceiling_and_naive_publish_every_message() -> None:
+    assert await throughput.ceiling_rate(200) > 0
+    assert await throughput.naive_rate(50) > 0
+
+
+def test_relay_drains_a_backlog_and_reports_its_process() -> None:
+    seconds, run = throughput.relay_drain(300, keys=10)  # raises if any row is left pending
+    assert run.returncode == 0
+    assert seconds > 0 and run.peak_rss_mb > 0
+
+
+async def test_latency_phase_sees_every_offered_message() -> None:
+    figures = await load.latency_and_idle(rate=200, seconds=0.5, idle_seconds=0.2)
+    assert figures.offered > 0
+    assert figures.received == figures.offered
+    assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
