@@ -28,8 +28,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
 import orjson
+import pamqp.frame
 from aiormq import exceptions as amqp_exc
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from outbox import metrics
 from outbox.exceptions import BrokerUnavailable
@@ -134,7 +138,8 @@ class AmqpPublisher:
                 index += 1
                 await asyncio.sleep(REFUSED_RETRY)
                 continue
-            except (OSError, amqp_exc.AMQPError, TimeoutError, ConnectionError) as exc:
+            except Exception as exc:  # noqa: BLE001 - aiormq also raises StopAsyncIteration,
+                # RuntimeError… when the peer closes during the handshake: all mean "no connection"
                 failures += 1
                 self._set_problem(f"broker {redact(url)}: cannot connect ({exc or type(exc)})")
                 index += 1
@@ -235,8 +240,21 @@ class AmqpPublisher:
             messages.append((row.body, row.exchange, row.routing_key, props))
         if not messages:
             return
-        tasks = dict(zip(sendable, publish_pipelined(channel, messages), strict=True))
-        _, pending = await asyncio.wait(tasks.values(), timeout=remaining)
+        try:
+            async with asyncio.timeout(remaining):
+                pipelined = await publish_pipelined(channel, messages)
+        except TimeoutError:
+            # The write queue stayed full: nothing was sent (UNSETTLED). Unless the broker
+            # blocks publishers, the connection is stalled: start over on a new one.
+            if not self.blocked:
+                log.warning("cannot write to the broker within the deadline: reconnecting")
+                await self._drop_connection()
+            return
+        except (amqp_exc.AMQPError, ConnectionError):
+            return  # UNSETTLED
+        tasks = dict(zip(sendable, pipelined.futures, strict=True))
+        pending = await pipelined.wait(deadline - loop.time())
+        pipelined.forget()
         collateral: list[int] = []
         channel_error = ""
         stalled = False
@@ -290,38 +308,110 @@ Message = tuple[bytes, str, str, spec.Basic.Properties]
 """body, exchange, routing key, properties"""
 
 
-def publish_pipelined(
+class Pipelined:
+    """The confirms of one pipelined write: one future per message, in order."""
+
+    __slots__ = ("channel", "futures", "_tags")
+
+    def __init__(self, channel: Any, futures: list[asyncio.Future[Any]],
+                 tags: dict[str, int]) -> None:
+        self.channel = channel
+        self.futures = futures
+        self._tags = tags
+
+    async def wait(self, timeout: float | None) -> set[asyncio.Future[Any]]:
+        """Wait for every confirm, at most ``timeout`` seconds; returns the pending futures.
+
+        Confirms resolve in delivery-tag order, so waiting for the last one first costs a single
+        callback instead of one per message; the stragglers (if any) are awaited after it."""
+        futures = self.futures
+        if not futures:
+            return set()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(futures[-1])
+        pending = {f for f in futures if not f.done()}
+        if pending:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            _, pending = await asyncio.wait(pending, timeout=remaining)
+        return pending
+
+    def forget(self) -> None:
+        """Drop the channel's message-id → delivery-tag entries of these messages (aiormq
+        uses them to match returns; they are no longer needed once the confirms are in)."""
+        ids: dict[str, int] = self.channel.message_id_delivery_tag
+        for message_id, tag in self._tags.items():
+            if ids.get(message_id) == tag:
+                del ids[message_id]
+
+
+async def publish_pipelined(
     channel: aiormq.abc.AbstractChannel, messages: Sequence[Message],
-) -> list[asyncio.Future[Any]]:
-    """Write every message (``mandatory=True``) on a confirm-mode channel, in order, without
-    waiting; returns one future per message that resolves with its confirm (or fails: nack,
-    return, closed channel, encoding error). The benchmark's ceiling uses it too."""
-    return [asyncio.ensure_future(channel.basic_publish(
-        body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=True,
-        wait=False)) for body, exchange, routing_key, props in messages]
+) -> Pipelined:
+    """Write every message (``mandatory=True``) on a confirm-mode channel, in order, as ONE
+    frame buffer, and return one confirm future per message (resolved by aiormq's own confirm
+    handling: ack → result; nack → DeliveryError; return → PublishError; closed channel →
+    its error). A message whose frames cannot be encoded gets a future failed with that error
+    and is not sent. The benchmark's ceiling uses this same function.
 
-
-_LONG_DIGITS = re.compile(r"\d{19}")
-
-
-def parse_headers(text: str) -> dict[str, Any]:
-    """The headers jsonb as a dict; raises ValueError for an integer AMQP cannot carry.
-
-    orjson turns an integer beyond 64 bits into a float without a word, which would publish a
-    different value than the producer wrote; so text with a 19-digit run is parsed again by the
-    standard library, which keeps integers exact, and the range is checked.
-    """
-    headers: dict[str, Any] = orjson.loads(text)
-    if _LONG_DIGITS.search(text):
-        headers = json.loads(text, parse_int=_amqp_int)
-    return headers
-
-
-def _amqp_int(text: str) -> int:
-    value = int(text)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"integer {text} is outside AMQP's signed 64-bit range")
-    return value
+    This is what ``Channel.basic_publish(wait=False)`` does per message — register a
+    confirmation future under the next delivery tag, queue the marshalled frames — done once
+    per batch: basic_publish costs a coroutine (a Task, to pipeline), the channel lock, a write
+    queue slot and a socket write per message."""
+    ch: Any = channel
+    if not isinstance(ch, aiormq.Channel) or not ch.publisher_confirms:
+        raise TypeError("publish_pipelined needs an aiormq.Channel in confirm mode")
+    loop = asyncio.get_running_loop()
+    number = ch.number
+    max_size = ch.max_content_size
+    marshal = pamqp.frame.marshal
+    futures: list[asyncio.Future[Any]] = []
+    tags: dict[str, int] = {}
+    chunks: list[bytes] = []
+    async with ch.lock:
+        first = tag = ch.delivery_tag
+        confirmations = ch.confirmations
+        ids = ch.message_id_delivery_tag
+        try:
+            for body, exchange, routing_key, props in messages:
+                try:
+                    frames = [
+                        marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                                   mandatory=True), number),
+                        marshal(ContentHeader(properties=props, body_size=len(body)), number),
+                    ]
+                    frames += [marshal(ContentBody(body[i:i + max_size]), number)
+                               for i in range(0, len(body), max_size)]
+                except Exception as exc:  # an unencodable row fails alone: poison
+                    failed = loop.create_future()
+                    failed.set_exception(exc)
+                    futures.append(failed)
+                    continue
+                tag += 1
+                future = ch.create_future()
+                confirmations[tag] = future
+                message_id = props.message_id
+                ids[message_id] = tags[message_id] = tag
+                chunks.append(b"".join(frames))
+                futures.append(future)
+            ch.delivery_tag = tag
+            if chunks:
+                await ch.write_queue.put(ChannelFrame(payload=b"".join(chunks),
+                                                      should_close=False))
+        except BaseException:
+            # Nothing reached the broker: give the delivery tags back, as basic_publish does.
+            ch.delivery_tag = first
+            for t in range(first + 1, tag + 1):
+                pending = confirmations.pop(t, None)
+                if pending is not None:
+                    pending.cancel()
+            for message_id, t in tags.items():
+                if ids.get(message_id) == t:
+                    del ids[message_id]
+            raise
+    return Pipelined(ch, futures, tags)
 
 
 def _reply(exc: amqp_exc.PublishError) -> str:

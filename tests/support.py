@@ -32,6 +32,26 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
             await asyncio.sleep(interval)
 
 
+def eventually(predicate: Callable[[], object], timeout: float = 10.0,
+               interval: float = 0.05) -> None:
+    """`wait_until` for synchronous tests."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
