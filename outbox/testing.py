@@ -18,7 +18,7 @@ import orjson
 
 from outbox.exceptions import StoreUnavailable
 from outbox.relay import Stats
-from outbox.rows import Result, Row, Settlement
+from outbox.rows import Outcome, Result, Row, Settlement
 
 
 @dataclass
@@ -164,8 +164,12 @@ class InMemorySession:
 class StubPublisher:
     """A `Publisher` that records what it was given and answers with ``rule(row)``."""
 
-    def __init__(self, rule: Callable[[Row], Result] | None = None) -> None:
-        self.rule = rule or (lambda row: Result.confirmed())
+    def __init__(self, rule: Callable[[Row], Result] | None = None,
+                 routable: set[str] | None = None) -> None:
+        """``routable``: routing keys the default exchange can route (others come back as
+        returned, like RabbitMQ's NO_ROUTE); ``rule`` overrides it for any row."""
+        self.routable = routable
+        self.rule = rule or self._route
         self.published: list[Row] = []
         self.connected = True
         self.blocked = False
@@ -179,6 +183,11 @@ class StubPublisher:
         while not self.ready and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return self.ready
+
+    def _route(self, row: Row) -> Result:
+        if self.routable is None or (row.exchange == "" and row.routing_key in self.routable):
+            return Result.confirmed()
+        return Result(Outcome.FAILED, "returned by the broker: 312 NO_ROUTE", "returned")
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
         await asyncio.sleep(0)

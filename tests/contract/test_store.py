@@ -1,0 +1,85 @@
+"""The Store contract (outbox.relay.Store), for PgStore and InMemoryStore alike."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from outbox.rows import Settlement
+from tests.contract.conftest import StoreCase
+
+
+async def test_claim_takes_ready_rows_in_id_order_up_to_the_limit(store_case: StoreCase) -> None:
+    ids = [store_case.insert("rk") for _ in range(5)]
+    session = await store_case.store.session()
+    try:
+        rows = await session.claim(3)
+        assert [r.id for r in rows] == ids[:3]
+        assert orjson.loads(rows[0].body) == {"x": 1}
+        assert rows[0].content_type == "application/json"
+        assert rows[0].headers is None and rows[0].attempts == 0
+        await session.release()
+    finally:
+        await session.close()
+
+
+async def test_a_claimed_row_is_skipped_by_other_sessions_until_released(
+        store_case: StoreCase) -> None:
+    ids = [store_case.insert("rk") for _ in range(4)]
+    a, b = await store_case.store.session(), await store_case.store.session()
+    try:
+        assert [r.id for r in await a.claim(2)] == ids[:2]
+        assert [r.id for r in await b.claim(10)] == ids[2:]
+        await b.release()
+        await a.release()
+        assert [r.id for r in await b.claim(10)] == ids  # released rows are back, untouched
+        await b.release()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_settle_removes_sent_reschedules_failed_and_parks_dead(
+        store_case: StoreCase) -> None:
+    sent, retry, dead = (store_case.insert("rk") for _ in range(3))
+    session = await store_case.store.session()
+    try:
+        await session.claim(10)
+        s = Settlement(sent=[sent])
+        s.retry(retry, 0.4, "nacked")
+        s.dead(dead, "too big", counted=False)
+        await session.settle(s)
+        assert await session.claim(10) == []  # the retry is not ready yet
+        await session.release()
+        stats = await store_case.store.stats()
+        assert (stats.pending, stats.retrying, stats.dead) == (1, 1, 1)
+        await asyncio.sleep(0.5)  # the retry's delay (a deadline, not a synchronisation)
+        [again] = await session.claim(10)
+        assert again.id == retry and again.attempts == 1
+        await session.release()
+    finally:
+        await session.close()
+
+
+async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCase) -> None:
+    k1 = [store_case.insert("rk", ordering_key="k1") for _ in range(3)]
+    free = store_case.insert("rk")
+    k2 = store_case.insert("rk", ordering_key="k2")
+    a, b = await store_case.store.session(), await store_case.store.session()
+    try:
+        assert [r.id for r in await a.claim(10)] == [k1[0], free, k2]
+        assert await b.claim(10) == []  # k1's second row waits for its head, even in flight
+        await b.release()
+        await a.settle(Settlement(sent=[k1[0], free, k2]))
+        assert [r.id for r in await b.claim(10)] == [k1[1]]
+        s = Settlement()
+        s.dead(k1[1], "poison", counted=False)
+        await b.settle(s)
+        assert await a.claim(10) == []  # a dead row blocks its key
+        await a.release()
+        stats = await store_case.store.stats()
+        assert (stats.dead, stats.blocked_keys, stats.pending) == (1, 1, 1)
+    finally:
+        await a.close()
+        await b.close()
