@@ -414,6 +414,29 @@ async def publish_pipelined(
     return Pipelined(ch, futures, tags)
 
 
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def parse_headers(text: str) -> dict[str, Any]:
+    """The headers jsonb as a dict; raises ValueError for an integer AMQP cannot carry.
+
+    orjson turns an integer beyond 64 bits into a float without a word, which would publish a
+    different value than the producer wrote; so text with a 19-digit run is parsed again by the
+    standard library, which keeps integers exact, and the range is checked.
+    """
+    headers: dict[str, Any] = orjson.loads(text)
+    if _LONG_DIGITS.search(text):
+        headers = json.loads(text, parse_int=_amqp_int)
+    return headers
+
+
+def _amqp_int(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {text} is outside AMQP's signed 64-bit range")
+    return value
+
+
 def _reply(exc: amqp_exc.PublishError) -> str:
     frame = getattr(exc, "frame", None)
     code = getattr(frame, "reply_code", "")
