@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -157,10 +159,19 @@ def run_drain(settings: Settings, **env: str) -> ProcessRun:
         proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay", "--drain"],
                                 env=relay_env(settings, **env), stdout=subprocess.DEVNULL,
                                 stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        # Peak RSS is sampled: the kernel's ru_maxrss of a child also counts the pages it
+        # shared with this (large) process between fork and exec.
+        ps, peak = psutil.Process(proc.pid), 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, ps.memory_info().rss)
+            time.sleep(0.05)
         wall = time.perf_counter() - start
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
             err.seek(0)
             progress(f"relay exited {code}: {err.read().decode(errors='replace')[-2000:]}")
-    return ProcessRun(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, code)
+    return ProcessRun(wall, usage.ru_utime + usage.ru_stime, peak / 2**20, code)

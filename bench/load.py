@@ -121,15 +121,16 @@ class RelayProcess:
         self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
 
     def stop(self) -> float:
-        """SIGTERM, wait; returns the kernel's peak RSS in MB."""
+        """SIGTERM, wait; returns the sampled peak RSS in MB."""
+        self.sample_rss()
         self.proc.send_signal(signal.SIGTERM)
-        _, status, usage = os.wait4(self.proc.pid, 0)
+        _, status, _ = os.wait4(self.proc.pid, 0)
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
             self._err.seek(0)
             progress(f"relay exited {code}: {self._err.read().decode(errors='replace')[-2000:]}")
         self._err.close()
-        return max(self.peak_rss_mb, usage.ru_maxrss / 1024)
+        return self.peak_rss_mb
 
 
 async def _warm_up(schema: Schema, receiver: Receiver, queue: str) -> None:

@@ -42,9 +42,12 @@ async def ceiling_rate(n: int) -> float:
             start = time.perf_counter()
             messages: list[Message] = [(body(i), "", queue.name, _properties(i))
                                        for i in range(n)]
-            futures = publish_pipelined(channel, messages)
-            await asyncio.gather(*futures)
+            pipelined = await publish_pipelined(channel, messages)
+            await pipelined.wait(None)
             elapsed = time.perf_counter() - start
+            pipelined.forget()
+            for future in pipelined.futures:
+                future.result()  # raises if the broker refused one
         finally:
             await conn.close()
     return n / elapsed

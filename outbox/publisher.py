@@ -311,7 +311,7 @@ Message = tuple[bytes, str, str, spec.Basic.Properties]
 class Pipelined:
     """The confirms of one pipelined write: one future per message, in order."""
 
-    __slots__ = ("channel", "futures", "_tags")
+    __slots__ = ("_tags", "channel", "futures")
 
     def __init__(self, channel: Any, futures: list[asyncio.Future[Any]],
                  tags: dict[str, int]) -> None:
@@ -392,7 +392,7 @@ async def publish_pipelined(
                 tag += 1
                 future = ch.create_future()
                 confirmations[tag] = future
-                message_id = props.message_id
+                message_id = props.message_id or ""
                 ids[message_id] = tags[message_id] = tag
                 chunks.append(b"".join(frames))
                 futures.append(future)

@@ -1,0 +1,128 @@
+"""The inbox consumer's rate: one `outbox.consumer.Consumer` draining a pre-filled queue, one effect
+row plus one inbox row committed per message, messages acked only after the commit.
+
+    python -m bench.inbox [n]      # prints inbox_consume_msgs_per_s: <rate>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiormq
+import psycopg
+from pamqp import commands as spec
+from psycopg import sql
+
+from outbox import migrate
+from outbox.consumer import Consumer, Message
+from outbox.settings import Settings
+
+PAD = 177  # {"n": 12345, "pad": "xx…"}: about 200 bytes, like the relay's benchmark message
+PUBLISH_WINDOW = 5_000
+
+
+def _body(n: int) -> bytes:
+    return f'{{"n": {n}, "pad": "{"x" * PAD}"}}'.encode()
+
+
+async def _fill(amqp_url: str, queue: str, n: int) -> None:
+    """Publish n persistent messages with distinct message ids, confirmed, in windows."""
+    conn = await aiormq.connect(amqp_url)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        await ch.queue_declare(queue, durable=True)
+        for start in range(0, n, PUBLISH_WINDOW):
+            await asyncio.gather(*(
+                ch.basic_publish(_body(i), routing_key=queue, properties=spec.Basic.Properties(
+                    message_id=str(uuid.uuid4()), delivery_mode=2,
+                    content_type="application/json"))
+                for i in range(start, min(n, start + PUBLISH_WINDOW))))
+    finally:
+        await conn.close()
+
+
+async def _delete_queues(amqp_url: str, names: list[str]) -> None:
+    conn = await aiormq.connect(amqp_url)
+    try:
+        ch = await conn.channel()
+        for name in names:
+            await ch.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+def _schema(database_url: str, name: str, *, create: bool) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ident = sql.Identifier(name)
+        if create:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
+        else:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
+
+
+def _count(database_url: str, table: sql.Composable) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rec = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+    assert rec is not None
+    return int(rec[0])
+
+
+async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000) -> float:
+    """Pre-fill a queue with ``n`` ~200-byte persistent messages, then time one consumer applying
+    an effect row and an inbox row per message (acked after the commit); returns msg/s."""
+    suffix = uuid.uuid4().hex[:10]
+    schema, queue = f"bench_inbox_{suffix}", f"bench_inbox_{suffix}"
+    settings = Settings.load({"database_url": database_url, "amqp_url": amqp_url,
+                              "schema": schema}, environ={})
+    _schema(database_url, schema, create=True)
+    consumer: Consumer | None = None
+    try:
+        await asyncio.to_thread(migrate.upgrade, settings)
+        effects = sql.SQL("{}.effects").format(sql.Identifier(schema))
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL(
+                "CREATE TABLE {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                "message_id uuid NOT NULL, n int NOT NULL)").format(effects))
+        await _fill(amqp_url, queue, n)
+        insert = sql.SQL("INSERT INTO {} (message_id, n) VALUES (%s, %s)").format(effects)
+
+        async def apply(conn: psycopg.AsyncConnection[Any], message: Message) -> None:
+            await conn.execute(insert, (message.message_id, message.json()["n"]), prepare=True)
+
+        consumer = Consumer(queue, apply, name="bench", settings=settings)
+        await consumer.start()
+        async with asyncio.timeout(60):
+            await consumer.subscribed.wait()
+        start = time.perf_counter()
+        await consumer.wait_for(lambda c: c.acked >= n, timeout=max(60.0, n / 500))
+        elapsed = time.perf_counter() - start
+        await consumer.close()
+        applied = consumer.counts.applied
+        if applied != n or _count(database_url, effects) != n:
+            raise RuntimeError(f"expected {n} effects, applied {applied}")
+        return n / elapsed
+    finally:
+        if consumer is not None:
+            await consumer.close()
+        await _delete_queues(amqp_url, [queue, *(f"{queue}.retry.{ms}"
+                                                 for ms in (1000, 2000, 4000, 8000)),
+                                        f"{queue}.dead"])
+        _schema(database_url, schema, create=False)
+
+
+def main(argv: list[str]) -> None:
+    from bench.common import AMQP_URL, DATABASE_URL
+
+    logging.basicConfig(level=logging.WARNING)
+    n = int(argv[0]) if argv else 20_000
+    rate = asyncio.run(inbox_consume_rate(DATABASE_URL, AMQP_URL, n))
+    print(f"inbox_consume_msgs_per_s: {rate:.0f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
