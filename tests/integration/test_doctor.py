@@ -4,8 +4,12 @@ with its fix and exit 1 when something a relay needs is broken."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
+from pathlib import Path
+from typing import Any
 
+import aiormq
 import psycopg
 import pytest
 from psycopg import sql
@@ -14,6 +18,7 @@ from outbox import doctor
 from outbox.doctor import Finding, Level
 from outbox.settings import Settings
 from tests import support
+from tests.rabbit_node import RabbitNode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,3 +105,41 @@ async def test_missing_exchange_and_broken_schema_objects_are_reported(
     out = io.StringIO()
     assert doctor.report(findings, out) == 1
     assert out.getvalue().count("\n") == len(findings) + 1
+
+
+def rabbitmqctl(node: RabbitNode, *args: str) -> None:
+    """``rabbitmqctl -n <node> ...`` as the rabbitmq user (it holds the Erlang cookie)."""
+    kwargs: dict[str, Any] = {}
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        kwargs.update(user="rabbitmq", group="rabbitmq")
+        env["HOME"] = "/var/lib/rabbitmq"
+    out = subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-n", node.nodename, *args],
+                         env=env, capture_output=True, timeout=60, cwd="/tmp", **kwargs)
+    assert out.returncode == 0, out.stderr.decode()[-500:]
+
+
+async def test_publish_permissions_as_documented(settings: Settings, tmp_path: Path) -> None:
+    """On a private node, a user with the documented permissions (configure and read nothing,
+    write on its exchanges and amq.default) passes; an exchange outside them is a FAIL."""
+    with RabbitNode(tmp_path) as node:
+        conn = await aiormq.connect(node.url)
+        try:
+            channel = await conn.channel()
+            for name in ("orders", "other"):
+                await channel.exchange_declare(name, exchange_type="topic", durable=True)
+        finally:
+            await conn.close()
+        rabbitmqctl(node, "add_user", "relay", "s3cret-pw")
+        rabbitmqctl(node, "set_permissions", "-p", "/", "relay", "^$",
+                    r"^(orders|amq\.default)$", "^$")
+        findings = await doctor.diagnose(
+            {"database_url": settings.database_url, "schema": settings.schema,
+             "amqp_url": f"amqp://relay:s3cret-pw@127.0.0.1:{node.port}/"},
+            exchanges=["", "orders", "other"], environ={})
+    publish = [f for f in findings if f.check == "publish"]
+    assert [f.level for f in publish] == [Level.OK, Level.OK, Level.FAIL], publish
+    assert "default exchange" in publish[0].message
+    assert "no write permission on exchange 'other'" in publish[2].message
+    assert "set_permissions" in publish[2].fix
+    assert all("s3cret-pw" not in f.line() for f in findings)
