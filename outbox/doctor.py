@@ -54,7 +54,6 @@ EXPECTED_RELOPTIONS = {
 PROBE_TYPE = "outbox.doctor.probe"
 NOTIFY_WAIT = 3.0
 _LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
-_AMQP_CONNECT_ERRORS = (OSError, amqp_exc.AMQPError, TimeoutError, ConnectionError)
 
 
 class Level(StrEnum):
@@ -90,8 +89,14 @@ class Doctor:
         self.findings.append(Finding(level, check, message, fix))
 
     async def run(self) -> list[Finding]:
-        self.check_transport_security()
-        await self.check_database()
+        try:
+            psycopg.conninfo.conninfo_to_dict(self.settings.database_url)
+        except psycopg.Error as exc:
+            self.add(Level.FAIL, "settings", f"OUTBOX_DATABASE_URL is not a valid libpq URL: "
+                     f"{str(exc).strip()}", "see the libpq connection URI parameters (sslmode, sslrootcert…)")
+        else:
+            self.check_transport_security()
+            await self.check_database()
         await self.check_broker()
         return self.findings
 
@@ -309,7 +314,7 @@ class Doctor:
                         amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError) as exc:
                     failures.append((url, describe_refusal(exc)))
                     continue
-                except _AMQP_CONNECT_ERRORS as exc:
+                except Exception as exc:  # aiormq raises more than AMQPError mid-handshake
                     failures.append((url, f"cannot connect ({exc or type(exc).__name__})"))
                     continue
                 props = conn.server_properties or {}
@@ -373,8 +378,9 @@ class Doctor:
                      f"{s.publish_timeout:g}s", "check the broker's memory and disk alarms "
                      "(rabbitmq-diagnostics alarms)")
             return
-        except (amqp_exc.AMQPError, ConnectionError, OSError) as exc:
-            self.add(Level.FAIL, check, f"publishing to {name} failed: {exc}")
+        except Exception as exc:  # any other failure of the channel or connection
+            self.add(Level.FAIL, check, f"publishing to {name} failed: "
+                     f"{exc or type(exc).__name__}")
             return
         self.add(Level.OK, check, f"the broker confirmed a publish to {name}; it was routed "
                  f"to a queue (a consumer may see one empty message of type {PROBE_TYPE})")
