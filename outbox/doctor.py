@@ -93,7 +93,8 @@ class Doctor:
             psycopg.conninfo.conninfo_to_dict(self.settings.database_url)
         except psycopg.Error as exc:
             self.add(Level.FAIL, "settings", f"OUTBOX_DATABASE_URL is not a valid libpq URL: "
-                     f"{str(exc).strip()}", "see the libpq connection URI parameters (sslmode, sslrootcert…)")
+                     f"{str(exc).strip()}",
+                     "see the libpq connection URI parameters (sslmode, sslrootcert…)")
         else:
             self.check_transport_security()
             await self.check_database()
