@@ -96,14 +96,15 @@ class Doctor:
                      f"{str(exc).strip()}",
                      "see the libpq connection URI parameters (sslmode, sslrootcert…)")
         else:
-            self.check_transport_security()
+            self.check_database_security()
             await self.check_database()
+        self.check_broker_security()
         await self.check_broker()
         return self.findings
 
     # -- settings --------------------------------------------------------------------------------
 
-    def check_transport_security(self) -> None:
+    def check_database_security(self) -> None:
         s = self.settings
         db = psycopg.conninfo.conninfo_to_dict(s.database_url)
         host = str(db.get("host") or "")
@@ -116,7 +117,9 @@ class Doctor:
             self.add(Level.WARN, "settings",
                      f"database connection to {host} is not verified TLS (sslmode={sslmode})",
                      "add ?sslmode=verify-full&sslrootcert=/path/ca.crt to the database URL")
-        for url in s.amqp_urls:
+
+    def check_broker_security(self) -> None:
+        for url in self.settings.amqp_urls:
             parts = urlsplit(url)
             query = parse_qs(parts.query)
             if parts.scheme == "amqps" and query.get("no_verify_ssl", ["0"])[0] != "0":
