@@ -150,6 +150,7 @@ class Doctor:
             if version_num < 130000:
                 self.add(Level.FAIL, "database", f"PostgreSQL {version} is too old",
                          "use PostgreSQL 13 or newer (xid8 and pg_current_snapshot)")
+            await self.check_session(conn)
             if not autovacuum:
                 self.add(Level.WARN, "vacuum", "autovacuum is off on this server: the outbox "
                          "table will bloat", "set autovacuum = on in postgresql.conf")
@@ -174,6 +175,30 @@ class Doctor:
                    params: Mapping[str, Any]) -> tuple[Any, ...]:
         rows = await self._all(conn, name, params)
         return rows[0]
+
+    async def check_session(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The relay bounds every query with session settings sent at connect time (libpq
+        ``options``); a pooler that drops startup parameters silently removes those bounds."""
+        s = self.settings
+        timeout_ms = str(int(s.db_timeout * 1000))
+        expected = {
+            "statement_timeout": timeout_ms, "lock_timeout": timeout_ms,
+            "idle_in_transaction_session_timeout":
+                str(int((s.publish_timeout + 4 * s.db_timeout) * 1000)),
+            "synchronous_commit": "off",
+        }
+        actual = dict(await self._all(conn, "doctor_session", {}))
+        wrong = {k: actual.get(k) for k, v in expected.items() if actual.get(k) != v}
+        if not wrong:
+            self.add(Level.OK, "database", "session settings applied (statement_timeout "
+                     f"{timeout_ms}ms, synchronous_commit off)")
+            return
+        shown = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        self.add(Level.WARN, "database", f"the relay's session settings were not applied "
+                 f"({shown}): a pooler that drops startup parameters? Queries lose their "
+                 "server-side deadline", "connect directly, or set them on the role: ALTER ROLE "
+                 "… SET statement_timeout = '5s', SET idle_in_transaction_session_timeout = "
+                 "'25s', SET synchronous_commit = off")
 
     async def check_schema(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Reports the revision; True when the tables are there to check further."""

@@ -178,3 +178,9 @@ SELECT has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'DELETE'
 -- doctor_notify --
 -- `outbox doctor`: wake the outbox channel without inserting anything (listeners see one wake-up).
 SELECT pg_notify(%(channel)s, '');
+
+-- doctor_session --
+-- `outbox doctor`: the session settings the relay passes when it connects, as the server applied them.
+SELECT name, setting FROM pg_settings
+ WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout',
+                'synchronous_commit');
