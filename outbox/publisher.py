@@ -267,6 +267,8 @@ class AmqpPublisher:
                               Result(Outcome.FAILED, f"no confirm within {self._timeout:g}s",
                                      "timeout"))
                 continue
+            if task.cancelled():
+                continue  # UNSETTLED: aiormq cancels the confirms of a closed connection
             error = task.exception()
             if error is None:
                 results[i] = _CONFIRMED
@@ -329,9 +331,17 @@ class Pipelined:
             return set()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(futures[-1])
+        except asyncio.CancelledError:
+            # aiormq cancels the confirms of a connection it closes (ours, after a stall):
+            # those rows are unsettled. Only our own cancellation (the shutdown deadline) goes on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except Exception:  # the futures say what happened, row by row
+            pass
         pending = {f for f in futures if not f.done()}
         if pending:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())

@@ -57,6 +57,8 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     try:
         counts = await task
     except asyncio.CancelledError:
+        if not signals:  # not our deadline: never report an escaped cancellation as a clean stop
+            raise OutboxError("the relay loop was cancelled unexpectedly") from None
         counts = relay.counts
         log.warning("shutdown deadline reached: batches in flight were released")
     finally:
