@@ -115,8 +115,9 @@ class RelayProcess:
 
 
 @pytest.fixture
-def relays() -> Iterator[Callable[..., RelayProcess]]:
-    """Start relay processes (``relays(settings, *args, **env)``); all killed afterwards."""
+def relays(request: pytest.FixtureRequest) -> Iterator[Callable[..., RelayProcess]]:
+    """Start relay processes (``relays(settings, *args, **env)``); all killed afterwards (and
+    their last log lines printed when the test failed)."""
     started: list[RelayProcess] = []
 
     def start(settings: Settings, *args: str, **env: str) -> RelayProcess:
@@ -127,6 +128,9 @@ def relays() -> Iterator[Callable[..., RelayProcess]]:
     yield start
     for r in started:
         r.stop()
+        if getattr(request.node, "_fault_failed", False):
+            print(f"\n--- relay {r.pid} (exit {r.proc.returncode}), last lines ---\n"
+                  f"{r.log_tail(25)}")
 
 
 # -- proxies and private nodes --
@@ -296,7 +300,7 @@ class Ledger:
 
     def insert(self, settings: Settings, n: int, routing_key: str, **kw: Any) -> list[str]:
         """Insert n rows (tests.support.insert_rows) and remember their message ids."""
-        self.settings = settings
+        self.settings = settings = settings.replace(database_url=support.DATABASE_URL)
         ids = [str(m) for m in support.insert_rows(settings, n, routing_key, **kw)]
         self.committed.update(ids)
         return ids

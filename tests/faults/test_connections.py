@@ -1,0 +1,185 @@
+"""Connections that stall, break or refuse, between the relay and the (shared) broker and database.
+
+The relay reaches both services only through `tests.proxy.FaultProxy`; the consumer and the
+test's own SQL go to the services directly. The shared services themselves are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from outbox.settings import Settings
+from tests import support
+from tests.faults.conftest import (
+    Ledger,
+    RelayProcess,
+    collecting,
+    fault_settings,
+    sessions,
+    terminate,
+    until,
+)
+from tests.proxy import FaultProxy
+
+pytestmark = pytest.mark.faults
+
+
+def proxied(schema: str, amqp: FaultProxy | None, db: FaultProxy | None, **changes: object
+            ) -> Settings:
+    urls: dict[str, object] = {}
+    if amqp is not None:
+        urls["amqp_url"] = amqp.url(support.AMQP_URL)
+    if db is not None:
+        urls["database_url"] = db.url(support.DATABASE_URL)
+    return fault_settings(schema, **urls, **changes)
+
+
+def status(settings: Settings) -> dict[str, object]:
+    """`outbox status --json`, run against the database directly."""
+    direct = settings.replace(database_url=support.DATABASE_URL)
+    out = subprocess.run(support.outbox_cmd("status", "--json"), env=support.relay_env(direct),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    data: dict[str, object] = orjson.loads(out.stdout)
+    return data
+
+
+async def test_stalled_broker_fails_by_the_publish_deadline_not_the_heartbeat(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, amqp_proxy, None, heartbeat=60, publish_timeout=2.0,
+                       batch_size=200)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 20_000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 500, 30, "publishing under way")
+        amqp_proxy.stall()
+        t0 = time.monotonic()
+        await relay.wait_log(r"within the deadline: reconnecting", 15)
+        detected = time.monotonic() - t0
+        print(f"\nstall detected after {detected:.2f}s (publish timeout 2s, heartbeat 60s)")
+        assert detected < settings.publish_timeout + 1.5
+        amqp_proxy.restore()
+        await ledger.wait_settled(90)
+        assert relay.alive, relay.log_tail()
+        await ledger.account()
+
+
+async def test_confirm_lost_after_the_broker_got_the_message_is_republished(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, amqp_proxy, None, publish_timeout=10.0, batch_size=500)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 5000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 0, 30, "publishing under way")
+        amqp_proxy.stall("down")  # publishes reach the broker; its confirms do not come back
+        at_stall = len(consumer.received)
+        await until(lambda: len(consumer.received) > at_stall, 10,
+                    "a message routed while its confirm is held")
+        amqp_proxy.cut()
+        amqp_proxy.restore()
+        await ledger.wait_settled(60)
+        assert relay.alive, relay.log_tail()
+        tally = await ledger.account()
+    assert tally.duplicates >= 1  # the inbox absorbs them
+
+
+async def test_db_connection_killed_after_publish_before_mark(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy, db_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, amqp_proxy, db_proxy, publish_timeout=10.0, batch_size=300,
+                       concurrency=1)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 3000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 0, 30, "publishing under way")
+        amqp_proxy.stall("down")  # hold the confirms: the batch stays published but unmarked
+        at_stall = len(consumer.received)
+        await until(lambda: len(consumer.received) > at_stall, 10, "a batch at the broker")
+        in_txn = await until(
+            lambda: [s for s in sessions(db_proxy.upstream_ports())
+                     if s[1] == "idle in transaction"], 5, "the batch's open transaction")
+        assert terminate(db_proxy.upstream_ports(), "outbox-relay") >= len(in_txn)
+        amqp_proxy.release()  # the confirms arrive; the mark cannot be written any more
+        await relay.wait_log(r"database unavailable", 15)
+        await ledger.wait_settled(60)
+        assert relay.alive, relay.log_tail()
+        tally = await ledger.account()
+    assert tally.duplicates >= 1
+
+
+async def test_database_gone_for_a_while_relay_reconnects_and_resumes(
+    schema: str, queue: str, ledger: Ledger, db_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    """A database restart, without restarting the shared one: every relay session is cut and
+    reconnects are refused for a while, then the database "comes back"."""
+    settings = proxied(schema, None, db_proxy, batch_size=200)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 5000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 200, 30, "publishing under way")
+        db_proxy.refuse()
+        await relay.wait_log(r"database unavailable", 15)
+        ledger.insert(settings, 1000, queue, start=5000)
+        down_for = 4.0
+        await asyncio.sleep(down_for)  # the outage itself, not a synchronisation
+        assert relay.alive, relay.log_tail()
+        backlog = status(settings)
+        print(f"\nstatus while the database is unreachable: {backlog}")
+        assert isinstance(backlog["pending"], int) and backlog["pending"] > 0
+        db_proxy.restore()
+        await ledger.wait_settled(60)
+        assert relay.alive, relay.log_tail()
+        assert relay.logged(r"database connected")
+        await ledger.account()
+
+
+async def test_slow_links_deliver_everything_without_failures(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy, db_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, amqp_proxy, db_proxy, batch_size=200)
+    amqp_proxy.slow(0.02)
+    db_proxy.slow(0.02)
+    async with collecting(ledger, [queue]):
+        ledger.insert(settings, 2000, queue)
+        relay = relays(settings)
+        await ledger.wait_settled(60)
+        tally = await ledger.account()
+        assert not relay.logged(r"publish failed"), relay.log_tail()
+    assert tally.duplicates == 0 and tally.dead == 0
+
+
+async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
+    schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    bad = fault_settings(schema, amqp_url=support.AMQP_URL.replace("guest:guest",
+                                                                   "guest:wrong"))
+    async with collecting(ledger, [queue]):
+        ledger.insert(settings=bad, n=10, routing_key=queue)
+        relay = relays(bad)
+        line = await relay.wait_log(r"broker unavailable", 15)
+        record = orjson.loads(line)
+        print(f"\n{line}")
+        assert "authentication failed" in record["error"], line
+        assert "wrong" not in line  # the password is redacted
+        # retried slowly, reported once; the relay does not exit
+        await asyncio.sleep(2)
+        assert relay.alive
+        assert len(relay.logged(r"authentication failed")) == 1, relay.log_tail()
+        assert support.count(bad, "sent_at IS NULL") == 10
+        relay.kill()
+        good = relays(fault_settings(schema), "--drain")
+        assert await good.wait(30) == 0, good.log_tail()
+        await ledger.account()
