@@ -194,11 +194,11 @@ class Doctor:
                      f"{timeout_ms}ms, synchronous_commit off)")
             return
         shown = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        role = "ALTER ROLE <relay role> SET"
         self.add(Level.WARN, "database", f"the relay's session settings were not applied "
                  f"({shown}): a pooler that drops startup parameters? Queries lose their "
-                 "server-side deadline", "connect directly, or set them on the role: ALTER ROLE "
-                 "… SET statement_timeout = '5s', SET idle_in_transaction_session_timeout = "
-                 "'25s', SET synchronous_commit = off")
+                 "server-side deadline", "connect directly, or set them on the role: "
+                 + "; ".join(f"{role} {k} = '{v}'" for k, v in expected.items()))
 
     async def check_schema(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Reports the revision; True when the tables are there to check further."""
