@@ -17,6 +17,7 @@ from psycopg import sql
 from outbox import doctor
 from outbox.doctor import Finding, Level
 from outbox.settings import Settings
+from outbox.store import connect
 from tests import support
 from tests.rabbit_node import RabbitNode
 
@@ -143,3 +144,22 @@ async def test_publish_permissions_as_documented(settings: Settings, tmp_path: P
     assert "no write permission on exchange 'other'" in publish[2].message
     assert "set_permissions" in publish[2].fix
     assert all("s3cret-pw" not in f.line() for f in findings)
+
+
+async def test_session_settings_dropped_by_a_pooler_are_reported(settings: Settings) -> None:
+    """A connection without the relay's startup options (what a pooler that drops them hands
+    out) is reported with the ALTER ROLE statements that restore them."""
+    checker = doctor.Doctor(settings)
+    async with await psycopg.AsyncConnection.connect(settings.database_url,
+                                                     autocommit=True) as plain:
+        await checker.check_session(plain)
+    (finding,) = checker.findings
+    assert finding.level is Level.WARN and "statement_timeout=0" in finding.message
+    assert "SET statement_timeout = '5000'" in finding.fix
+    checker.findings.clear()
+    relay_like = await connect(settings, autocommit=True, purpose="test")
+    try:
+        await checker.check_session(relay_like)
+    finally:
+        await relay_like.close()
+    assert [f.level for f in checker.findings] == [Level.OK]
