@@ -3,22 +3,73 @@
 -- Parameters are psycopg named placeholders. No other module holds SQL.
 
 -- claim --
--- Lock up to %(limit)s ready rows, oldest first. A keyed row is ready only when it is the head of its
--- key (no earlier unsent row: pending, in flight in another relay's batch, or dead) and was written
--- by a transaction older than every transaction still running (so no earlier row can still appear).
-SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text, o.payload_bytes,
-       o.content_type, o.headers::text, o.ordering_key, o.message_type, o.correlation_id,
-       o.created_at, o.attempts
-  FROM {schema}.outbox o
- WHERE o.sent_at IS NULL AND o.dead_at IS NULL AND o.available_at <= now()
-   AND (o.ordering_key IS NULL OR (
-          o.xact_id < pg_snapshot_xmin(pg_current_snapshot())
-          AND NOT EXISTS (SELECT 1 FROM {schema}.outbox e
-                           WHERE e.ordering_key = o.ordering_key AND e.id < o.id
-                             AND e.sent_at IS NULL)))
- ORDER BY o.id
- LIMIT %(limit)s
-   FOR UPDATE OF o SKIP LOCKED;
+-- Lock up to %(limit)s ready rows. Rows without a key: oldest first. Keyed rows: only the head of
+-- each key (its first unsent row; a key whose head is dead, delayed or in flight is skipped), and
+-- only if written by a transaction older than every one still running; found by hopping from key
+-- to key in hash order from a random point, one index probe per key (docs/ordering.md). A coin
+-- decides whether keyed heads or unkeyed rows fill the batch first, so neither starves the other.
+WITH RECURSIVE
+draw AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon,
+           (floor(random() * 4294967296) - 2147483648)::int AS start,
+           random() < 0.5 AS keyed_first),
+heads(h, k, id, upper) AS (
+    (SELECT f.h, f.k, f.id, f.upper FROM draw, LATERAL (
+        (SELECT hashtext(e.ordering_key) AS h, e.ordering_key AS k, e.id,
+                2147483647::bigint AS upper
+           FROM {schema}.outbox e
+          WHERE e.ordering_key IS NOT NULL AND e.sent_at IS NULL
+            AND hashtext(e.ordering_key) >= draw.start
+          ORDER BY hashtext(e.ordering_key), e.ordering_key, e.id LIMIT 1)
+        UNION ALL
+        (SELECT hashtext(e.ordering_key), e.ordering_key, e.id, draw.start - 1::bigint
+           FROM {schema}.outbox e
+          WHERE e.ordering_key IS NOT NULL AND e.sent_at IS NULL
+            AND hashtext(e.ordering_key) < draw.start
+          ORDER BY hashtext(e.ordering_key), e.ordering_key, e.id LIMIT 1)
+        LIMIT 1) f)
+    UNION ALL
+    -- the next key after (h, k), up to `upper`; past the top of the hash range, wrap around
+    SELECT n.h, n.k, n.id, n.upper FROM heads w, draw, LATERAL (
+        (SELECT hashtext(e.ordering_key) AS h, e.ordering_key AS k, e.id, w.upper
+           FROM {schema}.outbox e
+          WHERE e.ordering_key IS NOT NULL AND e.sent_at IS NULL
+            AND (hashtext(e.ordering_key), e.ordering_key) > (w.h, w.k)
+            AND hashtext(e.ordering_key) <= w.upper
+          ORDER BY hashtext(e.ordering_key), e.ordering_key, e.id LIMIT 1)
+        UNION ALL
+        (SELECT hashtext(e.ordering_key), e.ordering_key, e.id, draw.start - 1::bigint
+           FROM {schema}.outbox e
+          WHERE w.upper = 2147483647 AND e.ordering_key IS NOT NULL AND e.sent_at IS NULL
+            AND hashtext(e.ordering_key) < draw.start
+          ORDER BY hashtext(e.ordering_key), e.ordering_key, e.id LIMIT 1)
+        LIMIT 1) n),
+keyed AS (
+    SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
+           o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
+           o.message_type, o.correlation_id, o.created_at, o.attempts
+      FROM heads w JOIN {schema}.outbox o ON o.id = w.id, draw
+     WHERE o.sent_at IS NULL AND o.dead_at IS NULL AND o.available_at <= now()
+       AND o.xact_id < draw.horizon
+     LIMIT %(limit)s
+       FOR UPDATE OF o SKIP LOCKED)
+SELECT c.* FROM (
+    SELECT * FROM keyed WHERE (SELECT keyed_first FROM draw)
+    UNION ALL
+    SELECT * FROM (
+        SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
+               o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
+               o.message_type, o.correlation_id, o.created_at, o.attempts
+          FROM {schema}.outbox o
+         WHERE o.ordering_key IS NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
+           AND o.available_at <= now()
+         ORDER BY o.id
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) plain
+    UNION ALL
+    SELECT * FROM keyed WHERE NOT (SELECT keyed_first FROM draw)
+) c
+LIMIT %(limit)s;
 
 -- delete_sent --
 -- Remove rows the broker confirmed.
