@@ -138,7 +138,7 @@ class AmqpPublisher:
                 index += 1
                 await asyncio.sleep(REFUSED_RETRY)
                 continue
-            except Exception as exc:  # noqa: BLE001 - aiormq also raises StopAsyncIteration,
+            except Exception as exc:  # aiormq also raises StopAsyncIteration,
                 # RuntimeError… when the peer closes during the handshake: all mean "no connection"
                 failures += 1
                 self._set_problem(f"broker {redact(url)}: cannot connect ({exc or type(exc)})")
