@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from outbox import metrics
-from outbox.exceptions import BrokerUnavailable, PermanentRefusal, StoreUnavailable
+from outbox.exceptions import (
+    BrokerUnavailable,
+    PermanentRefusal,
+    SchemaMissing,
+    StoreUnavailable,
+)
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
@@ -225,11 +230,19 @@ class Relay:
                     session = None
                     self._database_up(lane, False, str(exc))
                     await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
-                except PermanentRefusal as exc:
+                except (PermanentRefusal, SchemaMissing) as exc:
                     await self._drop(session)
                     session = None
                     self._database_up(lane, False, str(exc))
                     await self._pause(REFUSED_RETRY)
+                except Exception:
+                    # A bug or an error nobody foresaw must not end the relay (the sidecar would
+                    # crash-loop): drop the connection, which rolls the batch back, and go on.
+                    failures += 1
+                    log.exception("unexpected error in lane %d; the batch was rolled back", lane)
+                    await self._drop(session)
+                    session = None
+                    await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
         finally:
             await self._drop(session)
 

@@ -148,3 +148,23 @@ async def test_stop_settles_the_batch_in_flight() -> None:
     relay.stop()
     await asyncio.wait_for(task, 5)
     assert not store.rows  # the batch in flight was confirmed and settled before exiting
+
+
+async def test_an_unexpected_error_rolls_the_batch_back_and_the_relay_goes_on() -> None:
+    store = InMemoryStore()
+    rows(store, 3)
+    calls = [0]
+
+    class Flaky(StubPublisher):
+        async def publish(self, batch, lane):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("a bug")
+            return await super().publish(batch, lane)
+
+    relay = Relay(SETTINGS, store, Flaky())
+    task = asyncio.create_task(relay.run())
+    await wait_until(lambda: not store.rows, 10)
+    assert not task.done()
+    relay.stop()
+    await asyncio.wait_for(task, 5)
