@@ -1,7 +1,8 @@
 """The inbox consumer's rate: one `outbox.consumer.Consumer` draining a pre-filled queue, one effect
 row plus one inbox row committed per message, messages acked only after the commit.
 
-    python -m bench.inbox [n]      # prints inbox_consume_msgs_per_s: <rate>
+    python -m bench.inbox [n]    # inbox_consume_msgs_per_s (per-message handler) and the rate
+                                 # of a batch handler (one INSERT per transaction)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiormq
@@ -72,9 +74,13 @@ def _count(database_url: str, table: sql.Composable) -> int:
     return int(rec[0])
 
 
-async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000) -> float:
+async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000,
+                             style: str = "message") -> float:
     """Pre-fill a queue with ``n`` ~200-byte persistent messages, then time one consumer applying
-    an effect row and an inbox row per message (acked after the commit); returns msg/s."""
+    an effect row and an inbox row per message (acked after the commit); returns msg/s.
+
+    ``style="message"``: the usual per-message handler (one INSERT per message, pipelined);
+    ``style="batch"``: a batch handler (one INSERT … SELECT unnest(…) per transaction)."""
     suffix = uuid.uuid4().hex[:10]
     schema, queue = f"bench_inbox_{suffix}", f"bench_inbox_{suffix}"
     settings = Settings.load({"database_url": database_url, "amqp_url": amqp_url,
@@ -91,17 +97,28 @@ async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000) -
         await _fill(amqp_url, queue, n)
         insert = sql.SQL("INSERT INTO {} (message_id, n) VALUES (%s, %s)").format(effects)
 
+        insert_many = sql.SQL("INSERT INTO {} (message_id, n) "
+                              "SELECT * FROM unnest(%s::uuid[], %s::int[])").format(effects)
+
         async def apply(conn: psycopg.AsyncConnection[Any], message: Message) -> None:
             await conn.execute(insert, (message.message_id, message.json()["n"]), prepare=True)
 
-        consumer = Consumer(queue, apply, name="bench", settings=settings)
+        async def apply_batch(conn: psycopg.AsyncConnection[Any],
+                              messages: Sequence[Message]) -> None:
+            await conn.execute(insert_many, ([m.message_id for m in messages],
+                                             [m.json()["n"] for m in messages]), prepare=True)
+
+        if style == "batch":
+            consumer = Consumer(queue, batch_handler=apply_batch, name="bench", settings=settings)
+        else:
+            consumer = Consumer(queue, apply, name="bench", settings=settings)
         await consumer.start()
         async with asyncio.timeout(60):
             await consumer.subscribed.wait()
         start, cpu = time.perf_counter(), time.process_time()
         await consumer.wait_for(lambda c: c.acked >= n, timeout=max(60.0, n / 500))
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        print(f"[bench inbox] {n} messages in {elapsed:.2f} s, consumer CPU "
+        print(f"[bench inbox] {style} handler: {n} messages in {elapsed:.2f} s, consumer CPU "
               f"{cpu / n * 1e6:.0f} us/message", file=sys.stderr, flush=True)
         await consumer.close()
         applied = consumer.counts.applied
@@ -109,11 +126,12 @@ async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000) -
             raise RuntimeError(f"expected {n} effects, applied {applied}")
         return n / elapsed
     finally:
+        names = [queue]
         if consumer is not None:
             await consumer.close()
-        await _delete_queues(amqp_url, [queue, *(f"{queue}.retry.{ms}"
-                                                 for ms in (1000, 2000, 4000, 8000)),
-                                        f"{queue}.dead"])
+            names += [consumer.dead_letter_routing_key,
+                      *{consumer.retry_queue(a) for a in range(1, consumer.max_attempts)}]
+        await _delete_queues(amqp_url, names)
         _schema(database_url, schema, create=False)
 
 
@@ -123,7 +141,9 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     n = int(argv[0]) if argv else 20_000
     rate = asyncio.run(inbox_consume_rate(DATABASE_URL, AMQP_URL, n))
+    batch = asyncio.run(inbox_consume_rate(DATABASE_URL, AMQP_URL, n, style="batch"))
     print(f"inbox_consume_msgs_per_s: {rate:.0f}")
+    print(f"inbox_consume_batch_handler_msgs_per_s: {batch:.0f}")
 
 
 if __name__ == "__main__":
