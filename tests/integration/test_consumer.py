@@ -158,6 +158,44 @@ async def test_published_twice_has_one_effect(fx: Settings, topology: str) -> No
     assert await queue_depth(support.AMQP_URL, topology) == 0
 
 
+async def test_published_twice_by_the_relay_has_one_effect(fx: Settings, topology: str) -> None:
+    """The relay publishes a slice again, as after a lost confirm or a lost mark."""
+    from outbox.runner import run_relay
+
+    settings = fx.replace(on_sent="mark")
+    ids = support.insert_rows(settings, 400, topology)
+    async with make_consumer(fx, topology, effect_handler(fx.schema)) as consumer:
+        assert (await run_relay(settings, drain=True)).published == 400
+        with psycopg.connect(fx.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("UPDATE {}.outbox SET sent_at = NULL WHERE mod(id, 4) = 0").format(
+                sql.Identifier(fx.schema)))
+        assert (await run_relay(settings, drain=True)).published == 100
+        await consumer.wait_for(lambda c: c.applied >= 400 and c.duplicates >= 100)
+    assert effects(fx) == Counter(dict.fromkeys(ids, 1))
+    assert consumer.counts.received == 500
+
+
+async def test_database_outage_holds_the_batch(fx: Settings, topology: str) -> None:
+    """While the database is unreachable no attempt is counted and nothing is dead-lettered."""
+    refusals = 3
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise psycopg.OperationalError("connection refused (simulated outage)")
+        return await psycopg.AsyncConnection.connect(fx.database_url)
+
+    ids = [uuid.uuid4() for _ in range(50)]
+    await publish(support.AMQP_URL, topology, ids)
+    consumer = make_consumer(fx, topology, effect_handler(fx.schema), connect=connect)
+    async with consumer:
+        await consumer.wait_for(lambda c: c.applied >= 50)
+    assert refusals == 0
+    assert consumer.counts.retried == consumer.counts.dead_lettered == 0
+    assert effects(fx) == Counter(dict.fromkeys(ids, 1))
+
+
 class RequeueOnce(Consumer):
     """Fault: the first time each batch is settled, requeue it instead of acking (after commit)."""
 
@@ -326,8 +364,12 @@ async def test_survives_broker_restart(fx: Settings, tmp_path: Path) -> None:
         await asyncio.to_thread(node.kill)
 
 
-async def test_basic_cancel_leads_to_resubscription(fx: Settings, topology: str) -> None:
-    consumer = make_consumer(fx, topology, effect_handler(fx.schema))
+@pytest.mark.parametrize("declare", [True, False])
+async def test_basic_cancel_leads_to_resubscription(
+        fx: Settings, topology: str, declare: bool) -> None:
+    """Deleting the queue makes the broker send basic.cancel; the consumer subscribes again to the
+    queue declared anew (by itself with ``declare``, else by the test)."""
+    consumer = make_consumer(fx, topology, effect_handler(fx.schema), declare=declare)
     first, second = [uuid.uuid4() for _ in range(50)], [uuid.uuid4() for _ in range(50)]
     async with consumer:
         await publish(support.AMQP_URL, topology, first)
@@ -336,6 +378,7 @@ async def test_basic_cancel_leads_to_resubscription(fx: Settings, topology: str)
         await support.declare_queue(topology)
         await publish(support.AMQP_URL, topology, second)
         await consumer.wait_for(lambda c: c.applied >= 100)
+        assert consumer.counts.connections == 1  # the same connection, a new subscription
     assert effects(fx) == Counter(dict.fromkeys(first + second, 1))
 
 
