@@ -22,7 +22,8 @@ import logging
 import random
 import re
 import ssl
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -32,8 +33,7 @@ import pamqp.frame
 from aiormq import exceptions as amqp_exc
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
+from pamqp import encode as amqp_encode
 
 from outbox import metrics
 from outbox.exceptions import BrokerUnavailable
@@ -324,29 +324,31 @@ class Pipelined:
     async def wait(self, timeout: float | None) -> set[asyncio.Future[Any]]:
         """Wait for every confirm, at most ``timeout`` seconds; returns the pending futures.
 
-        Confirms resolve in delivery-tag order, so waiting for the last one first costs a single
-        callback instead of one per message; the stragglers (if any) are awaited after it."""
-        futures = self.futures
-        if not futures:
-            return set()
+        Confirms resolve in delivery-tag order, so this waits for the last pending one (one
+        callback, not one per message) or for the channel to close, whichever comes first. A
+        closed channel fails every pending future with its error, as aiormq does for its own."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        channel = self.channel
+        closing = channel.closing
         try:
-            async with asyncio.timeout_at(deadline):
-                await asyncio.shield(futures[-1])
-        except asyncio.CancelledError:
-            # aiormq cancels the confirms of a connection it closes (ours, after a stall):
-            # those rows are unsettled. Only our own cancellation (the shutdown deadline) goes on.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-        except Exception:  # the futures say what happened, row by row
-            pass
-        pending = {f for f in futures if not f.done()}
-        if pending:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            _, pending = await asyncio.wait(pending, timeout=remaining)
-        return pending
+            while True:
+                pending = [f for f in self.futures if not f.done()]
+                if not pending:
+                    return set()
+                if closing.done():
+                    reason = _close_reason(channel)
+                    for future in pending:
+                        future.set_exception(reason)
+                    return set()
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return set(pending)
+                await asyncio.wait((pending[-1], closing), timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if closing is not channel._closing:  # our observer, not the channel's own future
+                closing.cancel()
 
     def forget(self) -> None:
         """Drop the channel's message-id → delivery-tag entries of these messages (aiormq
@@ -357,26 +359,88 @@ class Pipelined:
                 del ids[message_id]
 
 
+def _close_reason(channel: Any) -> BaseException:
+    closed = channel._closing
+    exc = closed.exception() if closed.done() and not closed.cancelled() else None
+    if isinstance(exc, Exception):
+        return exc  # e.g. ChannelNotFoundEntity (404), or the connection's error
+    return ConnectionError("the channel was closed")  # our own close or a cancellation
+
+
+_FRAME_HEAD = struct.Struct(">BHI")
+_HEADER_HEAD = struct.Struct(">HHQH")
+_FRAME_END = b"\xce"
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "shortstr": amqp_encode.short_string, "table": amqp_encode.field_table,
+    "octet": amqp_encode.octet, "timestamp": amqp_encode.timestamp,
+}
+_PROPERTIES = [(name, spec.Basic.Properties.flags[name],
+                _ENCODERS[getattr(spec.Basic.Properties, f"_{name}")])
+               for name in spec.Basic.Properties.__slots__]
+_publish_frames: dict[tuple[int, str, str], bytes] = {}
+
+
+def _publish_frame(number: int, exchange: str, routing_key: str) -> bytes:
+    """The marshalled ``basic.publish`` method frame (mandatory), cached: it only depends on
+    the channel, the exchange and the routing key."""
+    key = (number, exchange, routing_key)
+    frame = _publish_frames.get(key)
+    if frame is None:
+        if len(_publish_frames) >= 4096:
+            _publish_frames.clear()
+        frame = _publish_frames[key] = pamqp.frame.marshal(spec.Basic.Publish(
+            exchange=exchange, routing_key=routing_key, mandatory=True), number)
+    return frame
+
+
+def _header_frame(number: int, props: spec.Basic.Properties, body_size: int) -> bytes:
+    """The content header frame: what ``pamqp.frame.marshal(ContentHeader(...))`` produces
+    (tests/unit/test_publish_frames.py compares them), without its per-property dispatch."""
+    flags = 0
+    parts = []
+    for name, flag, encode in _PROPERTIES:
+        value = getattr(props, name)
+        if value is not None and value != "":
+            flags |= flag
+            parts.append(encode(value))
+    payload = _HEADER_HEAD.pack(60, 0, body_size, flags) + b"".join(parts)
+    return _FRAME_HEAD.pack(2, number, len(payload)) + payload + _FRAME_END
+
+
+def marshal_message(number: int, body: bytes, exchange: str, routing_key: str,
+                    props: spec.Basic.Properties, max_size: int) -> bytes:
+    """The frames of one ``basic.publish`` with its content, as bytes on the wire."""
+    frames = [_publish_frame(number, exchange, routing_key),
+              _header_frame(number, props, len(body))]
+    for i in range(0, len(body), max_size):
+        part = body[i:i + max_size]
+        frames += (_FRAME_HEAD.pack(3, number, len(part)), part, _FRAME_END)
+    return b"".join(frames)
+
+
 async def publish_pipelined(
     channel: aiormq.abc.AbstractChannel, messages: Sequence[Message],
 ) -> Pipelined:
     """Write every message (``mandatory=True``) on a confirm-mode channel, in order, as ONE
-    frame buffer, and return one confirm future per message (resolved by aiormq's own confirm
-    handling: ack → result; nack → DeliveryError; return → PublishError; closed channel →
-    its error). A message whose frames cannot be encoded gets a future failed with that error
-    and is not sent. The benchmark's ceiling uses this same function.
+    frame buffer, and return one confirm future per message, resolved by aiormq's confirm
+    handling (ack → result; nack → DeliveryError; return → PublishError) or, when the channel
+    closes, failed by `Pipelined.wait` with the channel's error. A message whose frames cannot
+    be encoded gets a future failed with that error and is not sent. The benchmark's ceiling
+    uses this same function.
 
     This is what ``Channel.basic_publish(wait=False)`` does per message — register a
-    confirmation future under the next delivery tag, queue the marshalled frames — done once
-    per batch: basic_publish costs a coroutine (a Task, to pipeline), the channel lock, a write
-    queue slot and a socket write per message."""
+    confirmation future under the next delivery tag (and the message id, for returns), queue
+    the marshalled frames — done once per batch: basic_publish costs a coroutine (a Task, to
+    pipeline), the channel lock, a write-queue slot, a socket write and three done-callbacks
+    per message."""
     ch: Any = channel
     if not isinstance(ch, aiormq.Channel) or not ch.publisher_confirms:
         raise TypeError("publish_pipelined needs an aiormq.Channel in confirm mode")
+    if ch.is_closed:
+        raise amqp_exc.ChannelInvalidStateError("the channel is closed")
     loop = asyncio.get_running_loop()
     number = ch.number
     max_size = ch.max_content_size
-    marshal = pamqp.frame.marshal
     futures: list[asyncio.Future[Any]] = []
     tags: dict[str, int] = {}
     chunks: list[bytes] = []
@@ -387,24 +451,18 @@ async def publish_pipelined(
         try:
             for body, exchange, routing_key, props in messages:
                 try:
-                    frames = [
-                        marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
-                                                   mandatory=True), number),
-                        marshal(ContentHeader(properties=props, body_size=len(body)), number),
-                    ]
-                    frames += [marshal(ContentBody(body[i:i + max_size]), number)
-                               for i in range(0, len(body), max_size)]
+                    data = marshal_message(number, body, exchange, routing_key, props, max_size)
                 except Exception as exc:  # an unencodable row fails alone: poison
                     failed = loop.create_future()
                     failed.set_exception(exc)
                     futures.append(failed)
                     continue
                 tag += 1
-                future = ch.create_future()
+                future = loop.create_future()
                 confirmations[tag] = future
                 message_id = props.message_id or ""
                 ids[message_id] = tags[message_id] = tag
-                chunks.append(b"".join(frames))
+                chunks.append(data)
                 futures.append(future)
             ch.delivery_tag = tag
             if chunks:
