@@ -42,7 +42,6 @@ import contextlib
 import logging
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -401,6 +400,7 @@ class Consumer:
         self._changed = asyncio.Event()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._consumed = False  # subscribed since the last failure (resets the backoff)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -433,20 +433,17 @@ class Consumer:
                 self.counts.connections += 1
                 try:
                     while not self._stopping.is_set() and not conn.is_closed:
-                        started = time.monotonic()
+                        self._consumed = False
                         try:
                             await self._subscription(conn)
                         except _BROKER_ERRORS as exc:
                             if conn.is_closed:
                                 raise
-                            failures += 1
+                            failures = 0 if self._consumed else failures + 1
                             log.warning("subscription ended; subscribing again", extra={
                                 "fields": {"queue": self.queue, "error": _describe(exc)}})
-                            await self._sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP,
-                                                      self._rng))
-                        else:
-                            if time.monotonic() - started > RECONNECT_CAP:
-                                failures = 0
+                            await self._sleep(backoff(failures + 1, RECONNECT_BASE,
+                                                      RECONNECT_CAP, self._rng))
                 except _BROKER_ERRORS as exc:
                     log.warning("broker connection lost", extra={"fields": {
                         "queue": self.queue, "url": redact(url), "error": _describe(exc)}})
@@ -461,7 +458,8 @@ class Consumer:
                         async with asyncio.timeout(2.0):
                             await conn.close()
                 if not self._stopping.is_set():
-                    failures += 1
+                    # backoff grows only while we fail to get back to consuming
+                    failures = 1 if self._consumed else failures + 1
                     index += 1
                     await self._sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP,
                                               self._rng))
@@ -562,6 +560,7 @@ class Consumer:
             async with asyncio.timeout(self.settings.publish_timeout):
                 await channel.basic_consume(self.queue, on_message)
             self.subscribed.set()
+            self._consumed = True
             log.info("consumer subscribed", extra={"fields": {
                 "queue": self.queue, "consumer": self.name, "prefetch": self.prefetch}})
             while not self._stopping.is_set():
