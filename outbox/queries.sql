@@ -45,14 +45,17 @@ heads(h, k, id, upper) AS (
           ORDER BY hashtext(e.ordering_key), e.ordering_key, e.id LIMIT 1)
         LIMIT 1) n),
 keyed AS (
-    SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
-           o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
-           o.message_type, o.correlation_id, o.created_at, o.attempts
-      FROM heads w JOIN {schema}.outbox o ON o.id = w.id, draw
-     WHERE o.sent_at IS NULL AND o.dead_at IS NULL AND o.available_at <= now()
-       AND o.xact_id < draw.horizon
-     LIMIT %(limit)s
-       FOR UPDATE OF o SKIP LOCKED)
+    -- a lateral lookup per head, so the plan always walks heads -> primary key, whatever the
+    -- table's statistics say
+    SELECT l.* FROM heads w, draw, LATERAL (
+        SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
+               o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
+               o.message_type, o.correlation_id, o.created_at, o.attempts
+          FROM {schema}.outbox o
+         WHERE o.id = w.id AND o.sent_at IS NULL AND o.dead_at IS NULL
+           AND o.available_at <= now() AND o.xact_id < draw.horizon
+           FOR UPDATE SKIP LOCKED) l
+     LIMIT %(limit)s)
 SELECT c.* FROM (
     SELECT * FROM keyed WHERE (SELECT keyed_first FROM draw)
     UNION ALL
