@@ -251,20 +251,29 @@ async def test_sqlalchemy_session_has_one_effect(fx: Settings, topology: str) ->
     engine = create_async_engine(sqlalchemy_url(fx.database_url))
     insert = text(f'INSERT INTO "{fx.schema}".effects (message_id, n) VALUES (:m, :n)')
 
+    ids = [uuid.uuid4() for _ in range(300)]
+    poison = ids[123]
+
     async def handle(session: AsyncSession, message: Message) -> None:
         await session.execute(insert, {"m": message.message_id, "n": message.json()["n"]})
+        if message.message_id == poison:
+            raise KeyError("no such customer")
 
-    ids = [uuid.uuid4() for _ in range(300)]
     await publish(support.AMQP_URL, topology, ids + ids[:50])
     try:
-        consumer = make_consumer(fx, topology, handle,
+        consumer = make_consumer(fx, topology, handle, max_attempts=2,
                                  session_factory=async_sessionmaker(engine))
         async with consumer:
-            await consumer.wait_for(lambda c: c.applied + c.duplicates >= 350)
+            await consumer.wait_for(lambda c: c.applied + c.duplicates >= 349 and
+                                    c.dead_lettered >= 1)
     finally:
         await engine.dispose()
-    assert effects(fx) == Counter(dict.fromkeys(ids, 1))
+    assert effects(fx) == Counter({m: 1 for m in ids if m != poison})
     assert consumer.counts.duplicates == 50
+    assert consumer.counts.retried == 1
+    dead = await drain_queue(support.AMQP_URL, f"{topology}.dead")
+    assert [m.header.properties.message_id for m in dead] == [str(poison)]
+    assert "KeyError" in dead[0].header.properties.headers[DEAD_REASON_HEADER]
 
 
 # -- handler errors: retried with a delay, then dead-lettered --------------------------------------
