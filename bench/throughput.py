@@ -32,22 +32,32 @@ def _properties(n: int) -> spec.Basic.Properties:
         timestamp=datetime.now(UTC), app_id="outbox")
 
 
-async def ceiling_rate(n: int) -> float:
-    """Raw aiormq: publish n messages pipelined (the relay's technique), then await every confirm.
+async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1) -> float:
+    """Raw aiormq, no database: publish n messages pipelined (the relay's own technique,
+    `publish_pipelined`) and await their confirms. ``batch`` = 0 writes all n, then awaits all
+    confirms; otherwise ``lanes`` channels each keep one batch in flight, like the relay's lanes.
     Messages are built (properties included) inside the timed section, as the relay builds them."""
     async with Queue() as queue:
         conn = await aiormq.connect(AMQP_URL)
         try:
-            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            channels = [await conn.channel(publisher_confirms=True, on_return_raises=True)
+                        for _ in range(lanes)]
+            size = batch or n
+            starts = iter(range(0, n, size))
+
+            async def lane(channel: aiormq.abc.AbstractChannel) -> None:
+                for first in starts:
+                    messages: list[Message] = [(body(i), "", queue.name, _properties(i))
+                                               for i in range(first, min(n, first + size))]
+                    pipelined = await publish_pipelined(channel, messages)
+                    await pipelined.wait(None)
+                    pipelined.forget()
+                    for future in pipelined.futures:
+                        future.result()  # raises if the broker refused one
+
             start = time.perf_counter()
-            messages: list[Message] = [(body(i), "", queue.name, _properties(i))
-                                       for i in range(n)]
-            pipelined = await publish_pipelined(channel, messages)
-            await pipelined.wait(None)
+            await asyncio.gather(*(lane(ch) for ch in channels))
             elapsed = time.perf_counter() - start
-            pipelined.forget()
-            for future in pipelined.futures:
-                future.result()  # raises if the broker refused one
         finally:
             await conn.close()
     return n / elapsed
