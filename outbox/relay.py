@@ -299,6 +299,7 @@ class Relay:
     def _database_up(self, lane: int, up: bool, problem: str = "") -> None:
         """Record one lane's connection state; the database is up while any lane is."""
         was = self.health.database
+        before = self.health.problems.get("database")
         if up:
             self._lanes_connected.add(lane)
             self.health.problems.pop("database", None)
@@ -311,6 +312,10 @@ class Relay:
                 log.info("database connected")
             else:
                 log.error("database unavailable", extra={"fields": {"error": problem}})
+        elif not self.health.database and problem != before:
+            # down from the start (no transition to log), or down for another reason now: a
+            # refusal such as a missing database must still be reported, once
+            log.error("database unavailable", extra={"fields": {"error": problem}})
         metrics.CONNECTED.labels("database").set(1 if self.health.database else 0)
         self._refresh_ready()
 
