@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -129,8 +130,10 @@ def relays(request: pytest.FixtureRequest) -> Iterator[Callable[..., RelayProces
     for r in started:
         r.stop()
         if getattr(request.node, "_fault_failed", False):
-            print(f"\n--- relay {r.pid} (exit {r.proc.returncode}), last lines ---\n"
-                  f"{r.log_tail(25)}")
+            path = Path(tempfile.gettempdir()) / f"outbox-relay-{r.pid}.log"
+            path.write_text("\n".join(r.lines) + "\n")
+            print(f"\n--- relay {r.pid} (exit {r.proc.returncode}): whole log in {path}; "
+                  f"last lines ---\n{r.log_tail(25)}")
 
 
 # -- proxies and private nodes --

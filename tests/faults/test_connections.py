@@ -7,6 +7,7 @@ test's own SQL go to the services directly. The shared services themselves are n
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -83,8 +84,9 @@ async def test_confirm_lost_after_the_broker_got_the_message_is_republished(
         await until(lambda: len(consumer.received) > 0, 30, "publishing under way")
         amqp_proxy.stall("down")  # publishes reach the broker; its confirms do not come back
         at_stall = len(consumer.received)
-        await until(lambda: len(consumer.received) > at_stall, 10,
-                    "a message routed while its confirm is held")
+        # a whole batch routed after the stall: its confirms are held in the proxy
+        await until(lambda: len(consumer.received) >= at_stall + settings.batch_size, 10,
+                    "a batch routed while its confirms are held")
         amqp_proxy.cut()
         amqp_proxy.restore()
         await ledger.wait_settled(60)
@@ -180,6 +182,63 @@ async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
         assert len(relay.logged(r"authentication failed")) == 1, relay.log_tail()
         assert support.count(bad, "sent_at IS NULL") == 10
         relay.kill()
+        # a database that does not exist: the same, on the database side
+        missing = fault_settings(schema, database_url=support.DATABASE_URL.rsplit("/", 1)[0]
+                                 + "/no_such_database_outbox")
+        relay = relays(missing)
+        line = await relay.wait_log(r"database unavailable", 15)
+        print(line)
+        assert 'database "no_such_database_outbox" does not exist' in orjson.loads(line)["error"]
+        await asyncio.sleep(1)
+        assert relay.alive
+        assert len(relay.logged(r"database unavailable")) == 1, relay.log_tail()
+        relay.kill()
         good = relays(fault_settings(schema), "--drain")
         assert await good.wait(30) == 0, good.log_tail()
+        await ledger.account()
+
+
+async def test_relay_started_while_both_services_are_unreachable_waits_then_drains(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy, db_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, amqp_proxy, db_proxy)
+    amqp_proxy.refuse()
+    db_proxy.refuse()
+    async with collecting(ledger, [queue]):
+        ledger.insert(settings, 1000, queue)
+        relay = relays(settings)
+        await relay.wait_log(r"broker unavailable", 15)
+        amqp_proxy.restore()
+        await relay.wait_log(r"database unavailable", 15)
+        assert relay.alive, relay.log_tail()
+        db_proxy.restore()
+        await ledger.wait_settled(60)
+        assert relay.alive, relay.log_tail()
+        await ledger.account()
+
+
+async def test_sigterm_with_a_stalled_broker_exits_0_at_the_shutdown_deadline(
+    schema: str, queue: str, ledger: Ledger, amqp_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    """The batch in flight cannot settle (its confirms never come): the shutdown deadline ends
+    the relay anyway, exit 0, and its claims go back with its connections."""
+    settings = proxied(schema, amqp_proxy, None, publish_timeout=30.0, shutdown_timeout=1.0,
+                       batch_size=200)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 5000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 200, 30, "publishing under way")
+        amqp_proxy.stall()
+        relay.kill(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = await relay.wait(15)
+        took = time.monotonic() - t0
+        print(f"\nSIGTERM with a stalled broker: exit {code} after {took:.2f}s")
+        assert code == 0, relay.log_tail()
+        assert took < settings.shutdown_timeout + 3
+        amqp_proxy.restore()
+        last = relays(settings, "--drain")
+        assert await last.wait(60) == 0, last.log_tail()
         await ledger.account()
