@@ -34,6 +34,14 @@ def duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def human_duration(seconds: float) -> str:
+    """The inverse of `duration`, for messages: 1209600 → ``14d``, 90 → ``90s``."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     group = parser.add_argument_group("settings (flag, else environment variable, else default)")
     defaults = Settings()
@@ -171,7 +179,7 @@ def _prune(args: argparse.Namespace, query: str, what: str) -> int:
             print(f"deleted {total} {what} so far", file=sys.stderr)
         if n < args.chunk:
             break
-    print(f"deleted {total} {what} older than {args.older_than:g}s")
+    print(f"deleted {total} {what} older than {human_duration(args.older_than)}")
     return 0
 
 

@@ -68,3 +68,14 @@ def test_cli_exits_2_with_one_line(env: dict[str, str]) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("outbox: configuration error: OUTBOX_")
+
+
+@pytest.mark.parametrize(("text", "seconds", "shown"), [
+    ("90", 90, "90s"), ("90s", 90, "90s"), ("15m", 900, "15m"), ("12h", 43200, "12h"),
+    ("14d", 1209600, "2w"), ("3d", 259200, "3d"), ("1.5h", 5400, "90m"),
+])
+def test_durations_parse_and_print(text: str, seconds: float, shown: str) -> None:
+    from outbox.cli import duration, human_duration
+
+    assert duration(text) == seconds
+    assert human_duration(seconds) == shown
