@@ -104,6 +104,9 @@ class InMemoryStore:
         )
 
     def is_head(self, row: StoredRow) -> bool:
+        """The claim's ordering rule (docs/ordering.md): a keyed row is claimable only if no
+        earlier row of its key is unsent (pending, delayed, in flight or dead). The SQL claim
+        also waits for older transactions to end, which has no counterpart here."""
         if row.ordering_key is None:
             return True
         return not any(o.ordering_key == row.ordering_key and o.id < row.id and not o.sent
