@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         out["latency_p50_ms"] = lf.p50_ms
         out["latency_p99_ms"] = lf.p99_ms
         out["latency_offered"] = lf.offered
+        out["latency_offered_msgs_per_s"] = lf.offered_rate
         out["latency_received"] = lf.received
         out["latency_late_statements"] = lf.late_statements
         out["idle_cpu_percent"] = lf.idle_cpu_percent
@@ -153,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         consume: Callable[..., float] | None = getattr(inbox, "inbox_consume_rate", None)
         if consume is not None:
             progress("phase: inbox consumer (bench/inbox.py)")
-            out["inbox_consume_msgs_per_s"] = consume(DATABASE_URL, AMQP_URL, args.rows)
+            rate = consume(DATABASE_URL, AMQP_URL, args.rows)
+            if inspect.isawaitable(rate):
+                rate = asyncio.run(rate)  # type: ignore[arg-type]
+            out["inbox_consume_msgs_per_s"] = rate
 
     if args.long:
         progress("phase: backlog of 10k rows (3 rounds)")

@@ -70,7 +70,7 @@ class Producers:
     workers: int = 4
     rows: int = 1
     committed: dict[int, float] = field(default_factory=dict)
-    late: int = 0  # statements that started more than 10 ms behind schedule (offered load slipped)
+    late: int = 0  # statements that started over 10 ms behind schedule (the offered load slipped)
     _next: int = 1_000_000
 
     async def run(self, seconds: float) -> None:
@@ -148,6 +148,7 @@ class LoadFigures:
     p50_ms: float
     p99_ms: float
     offered: int
+    offered_rate: float
     received: int
     late_statements: int
     idle_cpu_percent: float
@@ -162,9 +163,12 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float) -> 
             relay = RelayProcess(schema)
             try:
                 await _warm_up(schema, receiver, queue.name)
-                producers = Producers(schema, queue.name, rate)
+                # Enough producers that commits (each waits for its WAL flush) keep the pace.
+                producers = Producers(schema, queue.name, rate, workers=20)
+                began = time.perf_counter()
                 await producers.run(seconds)
                 offered = len(producers.committed)
+                offered_rate = offered / (time.perf_counter() - began)
                 await receiver.wait_for(offered, 30)
                 lat = sorted((receiver.received[n] - t) * 1000
                              for n, t in producers.committed.items() if n in receiver.received)
@@ -176,7 +180,8 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float) -> 
                 relay.stop()
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
-    return LoadFigures(pct(0.50), pct(0.99), offered, len(lat), producers.late, idle)
+    return LoadFigures(pct(0.50), pct(0.99), offered, offered_rate, len(lat), producers.late,
+                       idle)
 
 
 @dataclass
