@@ -83,6 +83,7 @@ class AmqpPublisher:
         self._channels: dict[int, aiormq.Channel] = {}
         self._channel_locks: dict[int, asyncio.Lock] = {}
         self._connected = asyncio.Event()
+        self._dropped = asyncio.Event()  # set when the relay itself gives up the connection
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._timeout = settings.publish_timeout
@@ -146,18 +147,27 @@ class AmqpPublisher:
                 await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 continue
             failures = 0
+            self._dropped.clear()
             self.connection = conn
             self.current_url = url
             self.problem = ""
             self._connected.set()
             metrics.CONNECTED.labels("broker").set(1)
             log.info("broker connected", extra={"fields": {"url": redact(url)}})
-            await asyncio.wait([conn.closing])
+            # aiormq's close of a stalled connection can hang (it waits for the peer), and its
+            # closing future then never resolves: _drop_connection wakes us up as well
+            closing = conn.closing
+            dropped = asyncio.ensure_future(self._dropped.wait())
+            try:
+                await asyncio.wait([closing, dropped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dropped.cancel()
             self._connected.clear()
             self._channels.clear()
             metrics.CONNECTED.labels("broker").set(0)
-            reason = conn.closing.exception() if (
-                conn.closing.done() and not conn.closing.cancelled()) else None
+            reason = closing.exception() if (
+                closing.done() and not closing.cancelled()) else "given up by the relay"
+            closing.cancel()  # only stops this observer
             self._set_problem(f"broker {redact(url)}: connection lost ({reason})")
             self.connection = None
             index += 1  # try the next node first: the one we lost may be down
@@ -171,6 +181,7 @@ class AmqpPublisher:
         conn, self.connection = self.connection, None
         self._channels.clear()
         if conn is not None:
+            self._dropped.set()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await conn.close()
