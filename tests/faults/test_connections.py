@@ -68,6 +68,10 @@ async def test_stalled_broker_fails_by_the_publish_deadline_not_the_heartbeat(
         detected = time.monotonic() - t0
         print(f"\nstall detected after {detected:.2f}s (publish timeout 2s, heartbeat 60s)")
         assert detected < settings.publish_timeout + 1.5
+        # the link stays dead a while longer (longer than aiormq's own close waits for the
+        # peer), then comes back: the relay must reconnect by itself
+        await asyncio.sleep(3)
+        assert relay.alive, relay.log_tail()
         amqp_proxy.restore()
         await ledger.wait_settled(90)
         assert relay.alive, relay.log_tail()
@@ -132,6 +136,8 @@ async def test_database_gone_for_a_while_relay_reconnects_and_resumes(
         ledger.insert(settings, 5000, queue)
         relay = relays(settings)
         await until(lambda: len(consumer.received) > 200, 30, "publishing under way")
+        # as a restart does: the server ends every session (57P01), then refuses for a while
+        assert terminate(db_proxy.upstream_ports()) >= 1
         db_proxy.refuse()
         await relay.wait_log(r"database unavailable", 15)
         ledger.insert(settings, 1000, queue, start=5000)
