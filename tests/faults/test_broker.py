@@ -67,6 +67,18 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
         killed_at = time.monotonic()
         await asyncio.to_thread(node.kill)
         await relay.wait_log(r"broker unavailable", 15)
+
+        def open_transactions() -> list[tuple[int, str]]:
+            return [s for s in sessions(db_proxy.upstream_ports())
+                    if s[1] == "idle in transaction"]
+
+        # the batch in flight is released; then, while the broker is down, nothing is claimed
+        await until(lambda: not open_transactions(), settings.publish_timeout + 5,
+                    "the batch in flight released")
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            assert not open_transactions(), "a transaction is open while the broker is down"
+            await asyncio.sleep(0.1)
         db_proxy.refuse()
         backlog = status(settings)
         print(f"\nstatus with the broker and the database down: {backlog}")
