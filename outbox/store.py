@@ -49,12 +49,28 @@ def translate_errors(what: str) -> Iterator[None]:
         if _PERMANENT.search(msg):
             raise PermanentRefusal(f"{what}: {msg}") from exc
         raise StoreUnavailable(f"{what}: {msg}") from exc
+    except TimeoutError as exc:  # before OSError, of which it is a subclass
+        raise StoreUnavailable(f"{what}: no answer from the database within the deadline") \
+            from exc
     except (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
             pgerrors.IdleInTransactionSessionTimeout, OSError) as exc:
         raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
-    except TimeoutError as exc:
-        raise StoreUnavailable(f"{what}: no answer from the database within the deadline") \
-            from exc
+
+
+@contextlib.asynccontextmanager
+async def deadline(conn: psycopg.AsyncConnection[Any], seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout` for queries on ``conn`` that stays a deadline on a silent network.
+
+    Cancelled mid-query, psycopg sends a cancel request and waits for the query to end: up to
+    10 s more when the network went silent. So the connection is closed at the deadline, just
+    before the cancellation, which then ends at once (the caller drops the connection anyway).
+    """
+    handle = asyncio.get_running_loop().call_later(seconds, conn.pgconn.finish)
+    try:
+        async with asyncio.timeout(seconds + 0.01):
+            yield
+    finally:
+        handle.cancel()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -107,14 +123,14 @@ class PgSession:
 
     async def claim(self, limit: int) -> list[Row]:
         with translate_errors("claiming rows"):
-            async with asyncio.timeout(self.settings.db_timeout):
+            async with deadline(self.conn, self.settings.db_timeout):
                 cur = await self.conn.execute(self.q["claim"], {"limit": limit}, prepare=True)
                 recs = await cur.fetchall()
         return [row_from_record(r) for r in recs]
 
     async def settle(self, s: Settlement) -> None:
         with translate_errors("settling a batch"):
-            async with asyncio.timeout(self.settings.db_timeout):
+            async with deadline(self.conn, self.settings.db_timeout):
                 async with self.conn.pipeline():
                     if s.sent:
                         name = "delete_sent" if self.on_sent == "delete" else "mark_sent"
@@ -131,7 +147,7 @@ class PgSession:
 
     async def release(self) -> None:
         with translate_errors("releasing a batch"):
-            async with asyncio.timeout(self.settings.db_timeout):
+            async with deadline(self.conn, self.settings.db_timeout):
                 await self.conn.rollback()
 
     async def close(self) -> None:
@@ -155,13 +171,13 @@ class PgStore:
         conn = await connect(self.settings, autocommit=True, purpose="listen")
         try:
             with translate_errors("listening for notifications"):
-                async with asyncio.timeout(self.settings.db_timeout):
+                async with deadline(conn, self.settings.db_timeout):
                     await conn.execute(self.q["listen"])
                 wake()  # rows may have arrived while we were not listening
                 while True:
                     async for _ in conn.notifies(timeout=5.0):
                         wake()
-                    async with asyncio.timeout(self.settings.db_timeout):
+                    async with deadline(conn, self.settings.db_timeout):
                         await conn.execute("SELECT 1")
         finally:
             with contextlib.suppress(Exception):
@@ -178,10 +194,9 @@ class PgStore:
             await conn.close()
 
     async def stats(self) -> Stats:
-        async with self.connection() as conn:
-            async with asyncio.timeout(self.settings.db_timeout):
-                cur = await conn.execute(self.q["status"])
-                rec = await cur.fetchone()
+        async with self.connection() as conn, deadline(conn, self.settings.db_timeout):
+            cur = await conn.execute(self.q["status"])
+            rec = await cur.fetchone()
         assert rec is not None
         return Stats(*rec)
 
