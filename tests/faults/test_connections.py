@@ -249,3 +249,26 @@ async def test_sigterm_with_a_stalled_broker_exits_0_at_the_shutdown_deadline(
         last = relays(settings, "--drain")
         assert await last.wait(60) == 0, last.log_tail()
         await ledger.account()
+
+
+async def test_stalled_database_fails_by_the_query_deadline_and_resumes(
+    schema: str, queue: str, ledger: Ledger, db_proxy: FaultProxy,
+    relays: Callable[..., RelayProcess],
+) -> None:
+    settings = proxied(schema, None, db_proxy, db_timeout=2.0, batch_size=100)
+    async with collecting(ledger, [queue]) as consumer:
+        ledger.insert(settings, 5000, queue)
+        relay = relays(settings)
+        await until(lambda: len(consumer.received) > 300, 30, "publishing under way")
+        db_proxy.stall()
+        t0 = time.monotonic()
+        line = await relay.wait_log(r"database unavailable", 15)
+        detected = time.monotonic() - t0
+        print(f"\ndatabase stall detected after {detected:.2f}s (db timeout 2s): {line}")
+        assert detected < settings.db_timeout + 2
+        await asyncio.sleep(3)  # the database stays silent a while longer (the scenario)
+        assert relay.alive, relay.log_tail()
+        db_proxy.restore()
+        await ledger.wait_settled(60)
+        assert relay.alive, relay.log_tail()
+        await ledger.account()
