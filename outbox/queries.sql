@@ -74,6 +74,26 @@ SELECT c.* FROM (
 ) c
 LIMIT %(limit)s;
 
+-- ordering_horizon --
+-- What holds keyed rows back (docs/ordering.md): the claim publishes a keyed row only once every
+-- transaction older than its writer has ended, so the oldest transaction still running anywhere
+-- in the cluster that has written something delays every keyed row written after it began.
+-- Returns that transaction (pid, database, age; null when none, or when the role may not see it),
+-- how many transaction ids were assigned since it began, and how many keyed pending rows wait.
+SELECT a.pid, a.datname::text AS database,
+       greatest(0, extract(epoch FROM clock_timestamp() - a.xact_start))::float8 AS age_seconds,
+       (pg_snapshot_xmax(pg_current_snapshot())::text::numeric
+        - pg_snapshot_xmin(pg_current_snapshot())::text::numeric)::bigint AS xids_since,
+       (SELECT count(*) FROM {schema}.outbox o
+         WHERE o.ordering_key IS NOT NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
+           AND o.xact_id >= pg_snapshot_xmin(pg_current_snapshot())) AS held_back_rows
+  FROM (SELECT 1) AS one
+  LEFT JOIN LATERAL (
+        SELECT pid, datname, xact_start FROM pg_stat_activity
+         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+         ORDER BY age(backend_xid) DESC
+         LIMIT 1) AS a ON true;
+
 -- delete_sent --
 -- Remove rows the broker confirmed.
 DELETE FROM {schema}.outbox WHERE id = ANY(%(ids)s);

@@ -43,7 +43,7 @@ def insert(settings: Settings, keys: list[str | None], routing_key: str = "r") -
 
 
 def execute(settings: Settings, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-    q = sql.SQL(query).format(sql.Identifier(settings.schema))  # type: ignore[arg-type]
+    q = sql.SQL(query).format(sql.Identifier(settings.schema))
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         cur = conn.execute(q, params)
         return cur.fetchall() if cur.description else []
@@ -176,6 +176,10 @@ async def test_out_of_order_commit_waits_for_the_older_transaction(schema: str) 
         late = insert(settings, ["late", None])
         got = await claim_until(s, lambda rows: {r.id for r in rows} == {early[0], late[1]})
         await s.settle(Settlement(sent=[r.id for r in got]))
+        [horizon] = await PgStore(settings).fetch("ordering_horizon")
+        assert horizon["held_back_rows"] == 2  # row 2 and "late"
+        assert horizon["pid"] is not None and horizon["age_seconds"] >= 0
+        assert horizon["xids_since"] >= 1
         for _ in range(5):
             got = await s.claim(500)
             assert got == [], [r.id for r in got]
