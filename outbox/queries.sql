@@ -78,7 +78,8 @@ LIMIT %(limit)s;
 -- What holds keyed rows back (docs/ordering.md): the claim publishes a keyed row only once every
 -- transaction older than its writer has ended, so the oldest transaction still running anywhere
 -- in the cluster that has written something delays every keyed row written after it began.
--- Returns that transaction (pid, database, age; null when none, or when the role may not see it),
+-- Returns that transaction (pid, database, age; all null when none; the age is null for other
+-- roles' sessions unless the relay's role has pg_read_all_stats),
 -- how many transaction ids were assigned since it began, and how many keyed pending rows wait.
 SELECT a.pid, a.datname::text AS database,
        greatest(0, extract(epoch FROM clock_timestamp() - a.xact_start))::float8 AS age_seconds,
