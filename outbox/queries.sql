@@ -8,6 +8,7 @@
 -- only if written by a transaction older than every one still running; found by hopping from key
 -- to key in hash order from a random point, one index probe per key (docs/ordering.md). A coin
 -- decides whether keyed heads or unkeyed rows fill the batch first, so neither starves the other.
+-- The batch is returned in id order.
 WITH RECURSIVE
 draw AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon,
@@ -71,8 +72,9 @@ SELECT c.* FROM (
            FOR UPDATE SKIP LOCKED) plain
     UNION ALL
     SELECT * FROM keyed WHERE NOT (SELECT keyed_first FROM draw)
+    LIMIT %(limit)s
 ) c
-LIMIT %(limit)s;
+ORDER BY c.id;  -- sorts only the rows claimed: the limit inside stops the scans (and the locking)
 
 -- ordering_horizon --
 -- What holds keyed rows back (docs/ordering.md): the claim publishes a keyed row only once every
