@@ -57,6 +57,7 @@ keyed AS (
            AND o.available_at <= now() AND o.xact_id < draw.horizon
            FOR UPDATE SKIP LOCKED) l
      LIMIT %(limit)s)
+-- the limit inside stops the scans (and the locking); the sort sees only the rows claimed
 SELECT c.* FROM (
     SELECT * FROM keyed WHERE (SELECT keyed_first FROM draw)
     UNION ALL
@@ -74,7 +75,7 @@ SELECT c.* FROM (
     SELECT * FROM keyed WHERE NOT (SELECT keyed_first FROM draw)
     LIMIT %(limit)s
 ) c
-ORDER BY c.id;  -- sorts only the rows claimed: the limit inside stops the scans (and the locking)
+ORDER BY c.id;
 
 -- ordering_horizon --
 -- What holds keyed rows back (docs/ordering.md): the claim publishes a keyed row only once every
