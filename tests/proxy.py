@@ -72,7 +72,7 @@ class FaultProxy:
     @property
     def connections(self) -> int:
         """How many proxied connections are open now."""
-        return self._call(self._count())
+        return int(self._call(self._count()))
 
     def upstream_ports(self) -> list[int]:
         """Local ports of the proxy's connections to the target (PostgreSQL's ``client_port``)."""

@@ -164,7 +164,7 @@ def rabbitmqctl(node: RabbitNode, *args: str, timeout: float = 60) -> str:
                          capture_output=True, timeout=timeout, cwd="/tmp", **kwargs)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.decode()[-500:]}")
-    return out.stdout.decode()
+    return str(out.stdout.decode())
 
 
 # -- the database --
@@ -201,7 +201,7 @@ def terminate(ports: Sequence[int], application: str | None = None) -> int:
 
 def execute(settings: Settings, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Run SQL on the test schema (``{}`` in the query is the quoted schema)."""
-    q = sql.SQL(query).format(sql.Identifier(settings.schema))  # type: ignore[arg-type]
+    q = sql.SQL(query).format(sql.Identifier(settings.schema))  # type: ignore[arg-type,unused-ignore]
     with psycopg.connect(support.DATABASE_URL, autocommit=True) as conn:
         cur = conn.execute(q, params)
         return cur.fetchall() if cur.description else []
@@ -264,8 +264,10 @@ class Collector:
         mid = msg.header.properties.message_id or ""
         self.received.append(mid)
         self.bodies[mid] = msg.body
-        with contextlib.suppress(Exception):
-            await msg.channel.basic_ack(msg.delivery.delivery_tag)
+        tag = getattr(msg.delivery, "delivery_tag", None)
+        if isinstance(tag, int):
+            with contextlib.suppress(Exception):
+                await msg.channel.basic_ack(tag)
 
     @property
     def distinct(self) -> set[str]:

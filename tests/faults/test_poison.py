@@ -46,7 +46,8 @@ def outbox(settings: Settings, *args: str, check: bool = True) -> subprocess.Com
 async def full_queue() -> AsyncIterator[str]:
     """A queue that refuses every publish: x-max-length=0 with x-overflow=reject-publish."""
     name = support.unique("full")
-    await support.declare_queue(name, **{"x-max-length": 0, "x-overflow": "reject-publish"})
+    arguments: dict[str, Any] = {"x-max-length": 0, "x-overflow": "reject-publish"}
+    await support.declare_queue(name, support.AMQP_URL, **arguments)
     yield name
     await support.delete_queues([name])
 

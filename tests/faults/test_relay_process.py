@@ -38,7 +38,8 @@ async def test_relay_sigkill_at_random_points_loses_nothing(
             relay = relays(settings)
             before = len(consumer.received)
             # kill at a random point after it started publishing (mid-batch, usually)
-            await until(lambda b=before: len(consumer.received) > b, 15, "the relay publishing")
+            await until(lambda b=before: len(consumer.received) > b,  # type: ignore[misc]
+                        15, "the relay publishing")
             await asyncio.sleep(rng.uniform(0.0, 0.4))
             relay.kill(signal.SIGKILL)
             assert await relay.wait(10) == -signal.SIGKILL
