@@ -106,9 +106,19 @@ async def _stats(settings: Settings) -> Any:
     return await PgStore(settings).stats()
 
 
+async def _status(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    from outbox.store import PgStore
+
+    store = PgStore(settings)
+    [horizon] = await store.fetch("ordering_horizon")
+    return await store.stats(), horizon
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    stats = _run(_stats(_settings(args)))
+    stats, horizon = _run(_status(_settings(args)))
     data = asdict(stats)
+    data["held_back_rows"] = horizon["held_back_rows"]
+    data["oldest_writer"] = {k: horizon[k] for k in ("pid", "database", "age_seconds")}
     if args.json:
         print(orjson.dumps(data).decode())
         return 0
@@ -117,6 +127,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"oldest       {stats.oldest_pending_age_seconds:.1f}s pending")
     if stats.sent:
         print(f"sent, kept   {stats.sent} (`outbox cleanup` removes old ones)")
+    if horizon["held_back_rows"]:
+        age = horizon["age_seconds"]
+        print(f"held back    {horizon['held_back_rows']} keyed rows wait for an older transaction "
+              f"to end (pid {horizon['pid']} in database {horizon['database']}"
+              + (f", open {age:.0f}s)" if age is not None else ")"))
     return 0
 
 
