@@ -81,7 +81,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         stats = _run(_stats(settings))
         print(f"drained: published={counts.published} retried={counts.failed} "
               f"dead={counts.dead} left_pending={stats.pending} "
-              f"(waiting for a retry or behind a dead row of their key)")
+              "(waiting for a retry, behind a dead row of their key, or keyed rows held back "
+              "by an older open transaction: see `outbox status`)")
     return 0
 
 
