@@ -194,9 +194,25 @@ class SoakFigures:
     relay_peak_rss_mb: float
 
 
-async def soak(rate: float, seconds: float) -> SoakFigures:
+async def _vacuum_every(schema: Schema, seconds: float) -> None:
+    """Stand-in for autovacuum when the server runs without it: VACUUM the outbox regularly."""
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        while True:
+            await asyncio.sleep(seconds)
+            await conn.execute(sql.SQL("VACUUM {}").format(schema.table()))
+
+
+async def autovacuum_enabled() -> bool:
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        cur = await conn.execute("SELECT current_setting('autovacuum') = 'on'")
+        rec = await cur.fetchone()
+    return bool(rec and rec[0])
+
+
+async def soak(rate: float, seconds: float, vacuum_every: float = 0) -> SoakFigures:
     """Producers offer ``rate`` msg/s for ``seconds`` while a relay deletes what it confirms; then
-    the outbox table's total size (heap + indexes + toast) and its dead tuples."""
+    the outbox table's total size (heap + indexes + toast) and its dead tuples. ``vacuum_every``
+    > 0 runs a plain VACUUM of the table that often (for a server with autovacuum off)."""
     async with Queue() as queue, Receiver(queue.name) as receiver:
         with Schema() as schema:
             relay = RelayProcess(schema)
@@ -204,10 +220,14 @@ async def soak(rate: float, seconds: float) -> SoakFigures:
                 await _warm_up(schema, receiver, queue.name)
                 producers = Producers(schema, queue.name, rate, workers=10, rows=10)
                 task = asyncio.create_task(producers.run(seconds))
+                vacuum = (asyncio.create_task(_vacuum_every(schema, vacuum_every))
+                          if vacuum_every > 0 else None)
                 while not task.done():
                     relay.sample_rss()
                     await asyncio.wait([task], timeout=5)
                 await task
+                if vacuum is not None:
+                    vacuum.cancel()
                 await receiver.wait_for(len(producers.committed), 60)
                 stats = sql.SQL(
                     "SELECT pg_total_relation_size(%s::regclass), n_live_tup, n_dead_tup, "
