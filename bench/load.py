@@ -154,7 +154,8 @@ class LoadFigures:
     idle_cpu_percent: float
 
 
-async def latency_and_idle(rate: float, seconds: float, idle_seconds: float) -> LoadFigures:
+async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
+                           workers: int = 8) -> LoadFigures:
     """Producers offer ``rate`` msg/s for ``seconds`` while a relay runs; commit-to-receive
     latency per message (an upper bound of commit-to-confirm: it adds the delivery to the
     consumer). Then the same relay sits idle for ``idle_seconds`` and its CPU is sampled."""
@@ -164,7 +165,7 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float) -> 
             try:
                 await _warm_up(schema, receiver, queue.name)
                 # Enough producers that commits (each waits for its WAL flush) keep the pace.
-                producers = Producers(schema, queue.name, rate, workers=20)
+                producers = Producers(schema, queue.name, rate, workers=workers)
                 began = time.perf_counter()
                 await producers.run(seconds)
                 offered = len(producers.committed)
