@@ -157,8 +157,10 @@ class LoadFigures:
 async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
                            workers: int = 8) -> LoadFigures:
     """Producers offer ``rate`` msg/s for ``seconds`` while a relay runs; commit-to-receive
-    latency per message (an upper bound of commit-to-confirm: it adds the delivery to the
-    consumer). Then the same relay sits idle for ``idle_seconds`` and its CPU is sampled."""
+    latency per message, from the producer's commit returning to a consumer receiving it (close
+    to, not the same as, commit-to-confirm: the broker may deliver a persistent message before
+    it confirms it, after its fsync). Then the relay sits idle for ``idle_seconds`` and its CPU
+    is sampled."""
     async with Queue() as queue, Receiver(queue.name) as receiver:
         with Schema() as schema:
             relay = RelayProcess(schema)
