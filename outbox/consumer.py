@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -73,7 +72,6 @@ RECONNECT_CAP = 15.0
 _REASON_MAX = 500
 _BROKER_ERRORS = (amqp_exc.AMQPError, amqp_exc.ChannelInvalidStateError, ConnectionError,
                   BrokerUnavailable, TimeoutError)
-_PYFORMAT = re.compile(r"%\((\w+)\)s")  # psycopg placeholders -> SQLAlchemy's :name
 
 Handler = Callable[[Any, "Message"], Awaitable[object]]
 BatchHandler = Callable[[Any, Sequence["Message"]], Awaitable[object]]
@@ -249,11 +247,9 @@ class _SqlAlchemyDatabase(_Database):
     def __init__(self, settings: Settings, session_factory: Callable[[], Any],
                  handler: Handler | None, batch_handler: BatchHandler | None,
                  timeout: float) -> None:
-        from sqlalchemy import text
-
         q = for_schema(settings.schema)
-        self.one = text(_PYFORMAT.sub(r":\1", q.text("inbox_record")))
-        self.many = text(_PYFORMAT.sub(r":\1", q.text("inbox_record_many")))
+        self.one = q.sqlalchemy("inbox_record")
+        self.many = q.sqlalchemy("inbox_record_many")
         self.factory = session_factory
         self.handler = handler
         self.batch_handler = batch_handler

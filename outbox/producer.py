@@ -13,7 +13,6 @@ committed here: the event exists if and only if the caller's transaction commits
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -22,8 +21,6 @@ from uuid import UUID
 import orjson
 
 from outbox.sql import for_schema
-
-_PYFORMAT = re.compile(r"%\((\w+)\)s")
 
 
 def event_params(
@@ -53,9 +50,7 @@ def event_params(
 
 @functools.cache
 def _sqlalchemy_statement(schema: str) -> Any:
-    from sqlalchemy import text
-
-    return text(_PYFORMAT.sub(r":\1", for_schema(schema).text("enqueue")))
+    return for_schema(schema).sqlalchemy("enqueue")
 
 
 def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str = "public",

@@ -205,9 +205,10 @@ RETURNING message_id;
 -- Wake-ups from the statement-level trigger of the outbox table.
 LISTEN {channel};
 
--- schema_exists --
--- Whether the outbox table exists in the schema.
-SELECT to_regclass(%(table)s) IS NOT NULL;
+-- ping --
+-- Proves a quiet LISTEN connection is still alive.
+SELECT 1;
+
 
 -- doctor_server --
 -- `outbox doctor`: who we are and what the server runs.

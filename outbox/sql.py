@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
+from typing import Any
 
 from psycopg import sql
 
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
 _BLOCK = re.compile(r"^-- (\w+) --\n((?:--[^\n]*\n)*)(.*?)(?=^-- \w+ --|\Z)", re.M | re.S)
 
 
@@ -44,8 +46,14 @@ class Queries:
         return self._q[name]
 
     def text(self, name: str) -> str:
-        """The query as a plain string (for drivers other than psycopg)."""
+        """The query as a plain string, with psycopg's ``%(name)s`` placeholders."""
         return self._q[name].as_string(None)
+
+    def sqlalchemy(self, name: str) -> Any:
+        """The query as a SQLAlchemy `text()` clause (``:name`` placeholders), for any driver."""
+        from sqlalchemy import text
+
+        return text(_PYFORMAT.sub(r":\1", self.text(name)))
 
 
 @functools.cache

@@ -178,7 +178,7 @@ class PgStore:
                     async for _ in conn.notifies(timeout=5.0):
                         wake()
                     async with deadline(conn, self.settings.db_timeout):
-                        await conn.execute("SELECT 1")
+                        await conn.execute(self.q["ping"])
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
