@@ -93,3 +93,25 @@ async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCa
     finally:
         await a.close()
         await b.close()
+
+
+async def test_rows_released_by_one_session_are_claimed_by_another(
+        store_case: StoreCase) -> None:
+    """Rows released by one session (a crash, a lost connection) are claimed again."""
+    ids = [store_case.insert("rk") for _ in range(6)]
+    a, b = await store_case.store.session(), await store_case.store.session()
+    try:
+        assert [r.id for r in await a.claim(2)] == ids[:2]
+        assert [r.id for r in await b.claim(2)] == ids[2:4]
+        await a.release()  # ids[0:2] are pending again, below where b's scan went on
+        await b.settle(Settlement(sent=ids[2:4]))
+        got: list[int] = []
+        async with asyncio.timeout(10):
+            while len(got) < 4:
+                batch = [r.id for r in await b.claim(2)]
+                await b.settle(Settlement(sent=batch))
+                got += batch
+        assert sorted(got) == sorted(ids[:2] + ids[4:])
+    finally:
+        await a.close()
+        await b.close()
