@@ -23,12 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from outbox import metrics
-from outbox.exceptions import (
-    BrokerUnavailable,
-    PermanentRefusal,
-    SchemaMissing,
-    StoreUnavailable,
-)
+from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
@@ -361,5 +356,3 @@ class Relay:
             self._refresh_ready()
             await asyncio.sleep(self.settings.stats_interval)
 
-
-__all__ = ["BrokerUnavailable", "Publisher", "Relay", "Stats", "Store", "StoreSession", "decide"]
