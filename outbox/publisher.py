@@ -46,11 +46,18 @@ log = logging.getLogger("outbox.publisher")
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 15.0
 REFUSED_RETRY = 30.0
+WATCH_INTERVAL = 1.0  # how often a live connection's reader task is checked
 _CONFIRMED = Result.confirmed()
 _PERMANENT = (
     amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
     amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
 )
+
+
+def _reader_died(conn: aiormq.Connection) -> bool:
+    """True when aiormq's frame reader has ended: the connection is dead, whatever it says."""
+    reader = getattr(conn, "_reader_task", None)
+    return isinstance(reader, asyncio.Task) and reader.done()
 
 
 def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
@@ -159,9 +166,15 @@ class AmqpPublisher:
             closing = conn.closing
             dropped = asyncio.ensure_future(self._dropped.wait())
             try:
-                await asyncio.wait([closing, dropped], return_when=asyncio.FIRST_COMPLETED)
+                while not (closing.done() or dropped.done() or _reader_died(conn)):
+                    await asyncio.wait([closing, dropped], timeout=WATCH_INTERVAL,
+                                       return_when=asyncio.FIRST_COMPLETED)
             finally:
                 dropped.cancel()
+            if not closing.done() and not dropped.done():
+                # aiormq's reader is gone but its own clean-up hangs (seen after a reset under
+                # uvloop), so nothing would ever resolve `closing`: give the connection up
+                await self._drop_connection()
             self._connected.clear()
             self._channels.clear()
             metrics.CONNECTED.labels("broker").set(0)
