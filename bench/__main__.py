@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
-import inspect
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from bench import load, throughput
+from bench import inbox, load, throughput
 from bench.common import AMQP_URL, DATABASE_URL, median, progress
 from outbox.settings import Settings
 
@@ -155,16 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         out["latency_late_statements"] = lf.late_statements
         out["idle_cpu_percent"] = lf.idle_cpu_percent
 
-    if "inbox" not in skip and importlib.util.find_spec("bench.inbox") is not None:
-        from bench import inbox
-
-        consume: Callable[..., float] | None = getattr(inbox, "inbox_consume_rate", None)
-        if consume is not None:
-            progress("phase: inbox consumer (bench/inbox.py)")
-            rate = consume(DATABASE_URL, AMQP_URL, args.rows)
-            if inspect.isawaitable(rate):
-                rate = asyncio.run(rate)  # type: ignore[arg-type]
-            out["inbox_consume_msgs_per_s"] = rate
+    if "inbox" not in skip:
+        progress("phase: inbox consumer (bench/inbox.py)")
+        out["inbox_consume_msgs_per_s"] = asyncio.run(
+            inbox.inbox_consume_rate(DATABASE_URL, AMQP_URL, args.rows))
 
     if args.long and "backlog" not in skip:
         progress("phase: backlog of 10k rows (3 rounds)")

@@ -20,16 +20,12 @@ import psycopg
 from pamqp import commands as spec
 from psycopg import sql
 
+from bench.common import body
 from outbox import migrate
 from outbox.consumer import Consumer, Message
 from outbox.settings import Settings
 
-PAD = 177  # {"n": 12345, "pad": "xx…"}: about 200 bytes, like the relay's benchmark message
 PUBLISH_WINDOW = 5_000
-
-
-def _body(n: int) -> bytes:
-    return f'{{"n": {n}, "pad": "{"x" * PAD}"}}'.encode()
 
 
 async def _fill(amqp_url: str, queue: str, n: int) -> None:
@@ -40,7 +36,7 @@ async def _fill(amqp_url: str, queue: str, n: int) -> None:
         await ch.queue_declare(queue, durable=True)
         for start in range(0, n, PUBLISH_WINDOW):
             await asyncio.gather(*(
-                ch.basic_publish(_body(i), routing_key=queue, properties=spec.Basic.Properties(
+                ch.basic_publish(body(i), routing_key=queue, properties=spec.Basic.Properties(
                     message_id=str(uuid.uuid4()), delivery_mode=2,
                     content_type="application/json"))
                 for i in range(start, min(n, start + PUBLISH_WINDOW))))

@@ -136,6 +136,21 @@ class _Delivery:
 class _Database:
     """Runs one transaction: inbox rows, then the handler for the new ones, then commit."""
 
+    def __init__(self, handler: Handler | None, batch_handler: BatchHandler | None,
+                 timeout: float) -> None:
+        self.handler = handler
+        self.batch_handler = batch_handler
+        self.timeout = timeout
+
+    async def _apply(self, target: Any, new: Sequence[Message]) -> None:
+        """Run the user's handler on the messages the inbox had not seen, in its transaction."""
+        if self.batch_handler is not None:
+            await self.batch_handler(target, new)
+            return
+        assert self.handler is not None
+        for m in new:
+            await self.handler(target, m)
+
     async def run(self, consumer: str, messages: Sequence[Message], *,
                   pipeline: bool) -> list[Message]:
         """Returns the messages that were duplicates. Raises `_HandlerFailed` for an error of the
@@ -155,11 +170,9 @@ class _PsycopgDatabase(_Database):
     def __init__(self, settings: Settings, handler: Handler | None,
                  batch_handler: BatchHandler | None, timeout: float,
                  connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None) -> None:
+        super().__init__(handler, batch_handler, timeout)
         self.settings = settings
         self.q = for_schema(settings.schema)
-        self.handler = handler
-        self.batch_handler = batch_handler
-        self.timeout = timeout
         self._connect = connect
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -220,12 +233,7 @@ class _PsycopgDatabase(_Database):
                     ids = {r[0] for r in await cur.fetchall()}
                 new = [m for m in messages if m.message_id in ids]
             if new:
-                if self.batch_handler is not None:
-                    await self.batch_handler(conn, new)
-                else:
-                    assert self.handler is not None
-                    for m in new:
-                        await self.handler(conn, m)
+                await self._apply(conn, new)
         return _duplicates(messages, new)
 
     async def _discard_if_unusable(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -247,13 +255,11 @@ class _SqlAlchemyDatabase(_Database):
     def __init__(self, settings: Settings, session_factory: Callable[[], Any],
                  handler: Handler | None, batch_handler: BatchHandler | None,
                  timeout: float) -> None:
+        super().__init__(handler, batch_handler, timeout)
         q = for_schema(settings.schema)
         self.one = q.sqlalchemy("inbox_record")
         self.many = q.sqlalchemy("inbox_record_many")
         self.factory = session_factory
-        self.handler = handler
-        self.batch_handler = batch_handler
-        self.timeout = timeout
 
     async def run(self, consumer: str, messages: Sequence[Message], *,
                   pipeline: bool) -> list[Message]:
@@ -273,12 +279,7 @@ class _SqlAlchemyDatabase(_Database):
                         ids = {_uuid(r[0]) for r in result.all()}
                         new = [m for m in messages if m.message_id in ids]
                     if new:
-                        if self.batch_handler is not None:
-                            await self.batch_handler(session, new)
-                        else:
-                            assert self.handler is not None
-                            for m in new:
-                                await self.handler(session, m)
+                        await self._apply(session, new)
         except asyncio.CancelledError:
             raise
         except TimeoutError as exc:

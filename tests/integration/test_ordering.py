@@ -12,10 +12,11 @@ deadline), while every "is not claimable" check is a plain assertion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -51,6 +52,26 @@ def execute(settings: Settings, query: str, params: Any = ()) -> list[tuple[Any,
 
 async def session(settings: Settings) -> PgSession:
     return await PgStore(settings).session()
+
+
+@contextlib.asynccontextmanager
+async def two_writers(settings: Settings) -> AsyncIterator[tuple[
+        psycopg.Connection[Any], psycopg.Connection[Any], PgSession,
+        Callable[[psycopg.Connection[Any]], psycopg.Cursor[Any]]]]:
+    """Two producer connections, each with a transaction of its own (T1, T2), a relay session,
+    and a function that inserts a row of key "k" in a given producer's open transaction."""
+    ins = sql.SQL("INSERT INTO {}.outbox (routing_key, payload, ordering_key) "
+                  "VALUES ('r', '1', 'k') RETURNING id").format(sql.Identifier(settings.schema))
+    t1 = psycopg.connect(settings.database_url)
+    t2 = psycopg.connect(settings.database_url)
+    s = await session(settings)
+    try:
+        yield t1, t2, s, lambda conn: conn.execute(ins)
+    finally:
+        t1.rollback()
+        t1.close()
+        t2.close()
+        await s.close()
 
 
 async def claim_until(s: PgSession, want: Callable[[list[Row]], bool],
@@ -159,16 +180,10 @@ async def test_out_of_order_commit_waits_for_the_older_transaction(schema: str) 
     """T1 inserts row 1 of k and stays open; T2 inserts row 2 of k and commits: row 2 is not
     claimed until T1 ends (then row 1 goes first)."""
     settings = support.make_settings(schema)
-    ident = sql.Identifier(schema)
-    ins = sql.SQL("INSERT INTO {}.outbox (routing_key, payload, ordering_key) "
-                  "VALUES ('r', '1', %s) RETURNING id").format(ident)
-    t1 = psycopg.connect(settings.database_url)
-    t2 = psycopg.connect(settings.database_url)
-    s = await session(settings)
-    try:
+    async with two_writers(settings) as (t1, t2, s, insert_k):
         early = insert(settings, ["other"])  # committed before T1 began: not held back
-        row1 = t1.execute(ins, ("k",)).fetchone()
-        row2 = t2.execute(ins, ("k",)).fetchone()
+        row1 = insert_k(t1).fetchone()
+        row2 = insert_k(t2).fetchone()
         assert row1 and row2 and row1[0] < row2[0]
         t2.commit()
         # the price of the horizon: any keyed row written after T1 began waits for T1 too,
@@ -191,10 +206,6 @@ async def test_out_of_order_commit_waits_for_the_older_transaction(schema: str) 
         got = await claim_until(s, lambda rows: bool(rows))
         assert [r.id for r in got] == [row2[0]]
         await s.release()
-    finally:
-        t1.close()
-        t2.close()
-        await s.close()
 
 
 async def test_known_gap_a_later_first_write_with_an_earlier_id(schema: str) -> None:
@@ -203,26 +214,15 @@ async def test_known_gap_a_later_first_write_with_an_earlier_id(schema: str) -> 
     open. Row 2 is claimable before row 1 exists for anyone: the key is published in commit
     order, not id order. Applications avoid it by locking the aggregate the key names."""
     settings = support.make_settings(schema)
-    ident = sql.Identifier(schema)
-    ins = sql.SQL("INSERT INTO {}.outbox (routing_key, payload, ordering_key) "
-                  "VALUES ('r', '1', %s) RETURNING id").format(ident)
-    t1 = psycopg.connect(settings.database_url)
-    t2 = psycopg.connect(settings.database_url)
-    s = await session(settings)
-    try:
+    async with two_writers(settings) as (t1, t2, s, insert_k):
         t2.execute("SELECT pg_current_xact_id()")  # T2's first write happens here
-        row1 = t1.execute(ins, ("k",)).fetchone()
-        row2 = t2.execute(ins, ("k",)).fetchone()
+        row1 = insert_k(t1).fetchone()
+        row2 = insert_k(t2).fetchone()
         assert row1 and row2 and row1[0] < row2[0]
         t2.commit()
         got = await claim_until(s, lambda rows: bool(rows))
         assert [r.id for r in got] == [row2[0]]
         await s.release()
-    finally:
-        t1.rollback()
-        t1.close()
-        t2.close()
-        await s.close()
 
 
 async def test_dead_row_blocks_only_its_key_and_retry_releases_it_in_order(
