@@ -54,7 +54,7 @@ _PERMANENT = (
 )
 
 
-def _reader_died(conn: aiormq.Connection) -> bool:
+def reader_died(conn: aiormq.abc.AbstractConnection) -> bool:
     """True when aiormq's frame reader has ended: the connection is dead, whatever it says."""
     reader = getattr(conn, "_reader_task", None)
     return isinstance(reader, asyncio.Task) and reader.done()
@@ -166,7 +166,7 @@ class AmqpPublisher:
             closing = conn.closing
             dropped = asyncio.ensure_future(self._dropped.wait())
             try:
-                while not (closing.done() or dropped.done() or _reader_died(conn)):
+                while not (closing.done() or dropped.done() or reader_died(conn)):
                     await asyncio.wait([closing, dropped], timeout=WATCH_INTERVAL,
                                        return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox.publisher import reader_died
 from outbox.settings import Settings
 from tests import support
 from tests.proxy import FaultProxy
@@ -254,7 +255,15 @@ class Collector:
                     await ch.queue_declare(q, durable=True, arguments=self.arguments)
                     await ch.basic_consume(q, self._on_message)
                 ready.set()
-                await conn.closing
+                # aiormq's `closing` may never resolve after a reset (its reader died, its
+                # clean-up hangs): watch the reader too, as the relay's publisher does
+                closing = conn.closing
+                while not (closing.done() or reader_died(conn)):
+                    await asyncio.wait([closing], timeout=1.0)
+                closing.cancel()
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await conn.close()
             except asyncio.CancelledError:
                 raise
             except Exception:
