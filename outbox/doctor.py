@@ -33,7 +33,7 @@ from outbox.exceptions import ConfigError, OutboxError
 from outbox.publisher import describe_refusal, with_defaults
 from outbox.settings import Settings, redact
 from outbox.sql import channel_name, for_schema
-from outbox.store import connect, translate_errors
+from outbox.store import connect, session_settings, translate_errors
 
 # What migration 0001 creates; doctor reports anything missing or different.
 EXPECTED_INDEXES = {
@@ -179,19 +179,13 @@ class Doctor:
     async def check_session(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The relay bounds every query with session settings sent at connect time (libpq
         ``options``); a pooler that drops startup parameters silently removes those bounds."""
-        s = self.settings
-        timeout_ms = str(int(s.db_timeout * 1000))
-        expected = {
-            "statement_timeout": timeout_ms, "lock_timeout": timeout_ms,
-            "idle_in_transaction_session_timeout":
-                str(int((s.publish_timeout + 4 * s.db_timeout) * 1000)),
-            "synchronous_commit": "off",
-        }
+        expected = session_settings(self.settings)
+        timeout_ms = expected["statement_timeout"]
         actual = dict(await self._all(conn, "doctor_session", {}))
         wrong = {k: actual.get(k) for k, v in expected.items() if actual.get(k) != v}
         if not wrong:
             self.add(Level.OK, "database", "session settings applied (statement_timeout "
-                     f"{timeout_ms}ms, synchronous_commit off)")
+                     f"{timeout_ms}ms, synchronous_commit off, jit off)")
             return
         shown = ", ".join(f"{k}={v}" for k, v in wrong.items())
         role = "ALTER ROLE <relay role> SET"

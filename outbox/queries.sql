@@ -262,4 +262,4 @@ SELECT pg_notify(%(channel)s, '');
 -- `outbox doctor`: the session settings the relay passes when it connects, as the server applied them.
 SELECT name, setting FROM pg_settings
  WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout',
-                'synchronous_commit');
+                'synchronous_commit', 'jit');

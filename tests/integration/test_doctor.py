@@ -156,6 +156,7 @@ async def test_session_settings_dropped_by_a_pooler_are_reported(settings: Setti
     (finding,) = checker.findings
     assert finding.level is Level.WARN and "statement_timeout=0" in finding.message
     assert "SET statement_timeout = '5000'" in finding.fix
+    assert "SET jit = 'off'" in finding.fix
     checker.findings.clear()
     relay_like = await connect(settings, autocommit=True, purpose="test")
     try:
