@@ -38,7 +38,7 @@ lint: $(STAMP)  ## ruff and mypy --strict
 	$(BIN)/ruff check outbox tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP)  ## throughput, ratios and latency, medians of 3 rounds, in one run
+bench: $(STAMP)  ## throughput, ratios and latency, medians of 5 rounds, in one run (private stock PostgreSQL)
 	$(BIN)/python -m bench
 
 bench-long: $(STAMP)  ## adds the 1M backlog, peak RSS and the bloat soak

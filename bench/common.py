@@ -22,6 +22,8 @@ from psycopg import sql
 from outbox import migrate
 from outbox.settings import Settings
 
+# The server the phases use: `python -m bench` points it at a private stock cluster unless told
+# otherwise (bench/postgres_node.py); imported piecemeal, the phases use the machine's server.
 DATABASE_URL = os.environ.get("OUTBOX_BENCH_DATABASE_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("OUTBOX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -39,6 +41,15 @@ def progress(text: str) -> None:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def connect() -> psycopg.Connection[Any]:
+    """An autocommit connection to the benchmark's database."""
+    return psycopg.connect(DATABASE_URL, autocommit=True)
+
+
+async def aconnect(autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=autocommit)
 
 
 def unique(prefix: str) -> str:
@@ -60,13 +71,13 @@ class Schema:
         self.settings = settings_for(self.name)
 
     def __enter__(self) -> Schema:
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        with connect() as conn:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.name)))
         migrate.upgrade(self.settings)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        with connect() as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                 sql.Identifier(self.name)))
 
@@ -81,7 +92,7 @@ class Schema:
             "INSERT INTO {} (routing_key, payload, ordering_key) "
             "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})), {} "
             "FROM generate_series(1, %s) g").format(self.table(), sql.Literal(PAD), key)
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        with connect() as conn:
             conn.execute(q, (routing_key, n))
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(self.table()))
             if keys:
@@ -100,7 +111,7 @@ class Schema:
         progress(f"an older transaction kept the keyed rows waiting for over {timeout:g} s")
 
     def pending(self) -> int:
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        with connect() as conn:
             rec = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE sent_at IS NULL")
                                .format(self.table())).fetchone()
         assert rec is not None

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import aiormq
 import orjson
 import psutil
-import psycopg
 from psycopg import sql
 
-from bench.common import AMQP_URL, DATABASE_URL, PAD, Queue, Schema, progress, relay_env
+from bench.common import AMQP_URL, PAD, Queue, Schema, aconnect, progress, relay_env
 
 
 class Receiver:
@@ -83,7 +82,7 @@ class Producers:
             "FROM generate_series(%s::int, %s::int) g").format(
                 self.schema.table(), sql.Literal(PAD))
         interval = self.workers * self.rows / self.rate
-        async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        async with await aconnect() as conn:
             loop = asyncio.get_running_loop()
             start = loop.time() + worker * interval / self.workers
             k = 0
@@ -199,14 +198,14 @@ class SoakFigures:
 
 async def _vacuum_every(schema: Schema, seconds: float) -> None:
     """Stand-in for autovacuum when the server runs without it: VACUUM the outbox regularly."""
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+    async with await aconnect() as conn:
         while True:
             await asyncio.sleep(seconds)
             await conn.execute(sql.SQL("VACUUM {}").format(schema.table()))
 
 
 async def autovacuum_enabled() -> bool:
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+    async with await aconnect() as conn:
         cur = await conn.execute("SELECT current_setting('autovacuum') = 'on'")
         rec = await cur.fetchone()
     return bool(rec and rec[0])
@@ -236,8 +235,7 @@ async def soak(rate: float, seconds: float, vacuum_every: float = 0) -> SoakFigu
                     "SELECT pg_total_relation_size(%s::regclass), n_live_tup, n_dead_tup, "
                     "autovacuum_count FROM pg_stat_user_tables "
                     "WHERE schemaname = %s AND relname = 'outbox'")
-                async with await psycopg.AsyncConnection.connect(
-                        DATABASE_URL, autocommit=True) as conn:
+                async with await aconnect() as conn:
                     await asyncio.sleep(1.0)  # statistics are reported with a short delay
                     cur = await conn.execute(stats, (schema.table().as_string(conn),
                                                      schema.name))

@@ -8,16 +8,15 @@ import uuid
 from datetime import UTC, datetime
 
 import aiormq
-import psycopg
 from pamqp import commands as spec
 from psycopg import sql
 
 from bench.common import (
     AMQP_URL,
-    DATABASE_URL,
     ProcessRun,
     Queue,
     Schema,
+    aconnect,
     body,
     progress,
     run_drain,
@@ -99,7 +98,7 @@ async def naive_rate(n: int) -> float:
                 "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").format(table)
             delete = sql.SQL("DELETE FROM {} WHERE id = %s").format(table)
             amqp = await aiormq.connect(AMQP_URL)
-            db = await psycopg.AsyncConnection.connect(DATABASE_URL)
+            db = await aconnect(autocommit=False)
             try:
                 channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
                 start = time.perf_counter()

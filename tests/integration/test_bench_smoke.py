@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import psycopg
 import pytest
 
 from bench import load, throughput
+from bench.postgres_node import PostgresNode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,3 +29,12 @@ async def test_latency_phase_sees_every_offered_message() -> None:
     assert figures.offered > 0
     assert figures.received == figures.offered
     assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
+
+
+def test_private_postgres_runs_the_stock_configuration_and_is_removed() -> None:
+    with PostgresNode() as node, psycopg.connect(node.url) as conn:
+        rec = conn.execute("SELECT current_setting('autovacuum')").fetchone()
+        assert rec == ("on",)
+        assert node.proc is not None
+    assert node.proc.poll() is not None
+    assert not node.base.exists()
