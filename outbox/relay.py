@@ -166,6 +166,7 @@ class Relay:
         self._rng = rng or random.Random()
         self._stopping = asyncio.Event()
         self._wakeups: list[asyncio.Event] = []
+        self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
         self._lanes_connected: set[int] = set()
 
     @property
@@ -217,6 +218,8 @@ class Relay:
                             return
                         await self._sleep(wake, self.settings.poll_interval)
                         continue
+                    if len(rows) == self.settings.batch_size:
+                        self._wake()  # more may be waiting: a sleeping lane joins in
                     await self._process(session, rows, lane)
                     failures = 0
                 except StoreUnavailable as exc:
@@ -318,8 +321,12 @@ class Relay:
         metrics.READY.set(1 if self.ready else 0)
 
     async def _sleep(self, wake: asyncio.Event, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout)
+        self._sleeping.append(wake)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+        finally:
+            self._sleeping.remove(wake)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -328,15 +335,25 @@ class Relay:
     # -- helpers -----------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Wake every lane on NOTIFY; polling covers the gaps while this reconnects."""
+        """Wake a lane on NOTIFY; polling covers the gaps while this reconnects."""
         ...
         failures = 0
         while True:
             try:
-                await self.store.listen(self._wake_all)
+                await self.store.listen(self._wake)
             except (StoreUnavailable, PermanentRefusal):
                 failures += 1
             await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
+
+    def _wake(self) -> None:
+        """New rows: wake one sleeping lane (waking them all made every lane but one claim
+        nothing). With none asleep, flag every lane instead: a lane whose claim began before
+        the rows committed then claims again rather than going to sleep."""
+        for ev in self._sleeping:
+            if not ev.is_set():
+                ev.set()
+                return
+        self._wake_all()
 
     def _wake_all(self) -> None:
         for ev in self._wakeups:

@@ -70,6 +70,17 @@ class InMemoryStore:
             wake()
         return row
 
+    def insert_many(self, routing_key: str, payloads: Sequence[Any]) -> list[StoredRow]:
+        """One statement of many rows: like the statement-level trigger, one wake-up for all."""
+        wakers, self._wakers = self._wakers, []
+        try:
+            inserted = [self.insert(routing_key, p) for p in payloads]
+        finally:
+            self._wakers = wakers
+        for wake in wakers:
+            wake()
+        return inserted
+
     def check(self) -> None:
         if self.down:
             raise StoreUnavailable("in-memory store is down")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
+
+import pytest
 
 from outbox.relay import Relay, decide, oversized
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
-from outbox.testing import InMemoryStore, StubPublisher
+from outbox.testing import InMemorySession, InMemoryStore, StubPublisher
 from tests.support import wait_until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
@@ -168,3 +171,42 @@ async def test_an_unexpected_error_rolls_the_batch_back_and_the_relay_goes_on() 
     assert not task.done()
     relay.stop()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waking every lane per NOTIFY made all but one claim nothing; a full batch means more
+    rows wait, so the lane that got it rouses another (a bulk insert notifies only once)."""
+    claims: list[tuple[int, int]] = []  # (session, rows claimed)
+    claim = InMemorySession.claim
+
+    async def counted(self: InMemorySession, limit: int) -> list[Row]:
+        got = await claim(self, limit)
+        claims.append((id(self), len(got)))
+        return got
+
+    class SlowPublisher(StubPublisher):  # confirms take a while, as a broker's do
+        async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+            await asyncio.sleep(0.05)
+            return await super().publish(rows, lane)
+
+    monkeypatch.setattr(InMemorySession, "claim", counted)
+    store, pub = InMemoryStore(), SlowPublisher()
+    settings = Settings.load({"batch_size": 10, "concurrency": 3, "poll_interval": 30},
+                             environ={})
+    relay = Relay(settings, store, pub)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: len(claims) == 3)  # every lane found nothing and sleeps
+        claims.clear()
+        store.insert("rk", {"i": 0})
+        await wait_until(lambda: len(claims) == 2)
+        assert [n for _, n in claims] == [1, 0]  # one lane: its row, then nothing; no other
+        claims.clear()
+        store.insert_many("rk", [{"i": i} for i in range(25)])
+        await wait_until(lambda: len(pub.published) == 26 and len(claims) >= 6)
+        assert sorted(n for _, n in claims if n) == [5, 10, 10]
+        assert len({s for s, n in claims if n}) >= 2
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
