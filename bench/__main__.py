@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "instead of a private cluster with the stock configuration started for the "
                    "run (bench/postgres_node.py)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "throughput,keyed,hot,latency,inbox,backlog,soak")
+                   "throughput,keyed,hot,latency,producers,inbox,backlog,soak")
     return p.parse_args(argv)
 
 
@@ -169,6 +169,13 @@ def run(args: argparse.Namespace) -> None:
         out["latency_received"] = lf.received
         out["latency_late_statements"] = lf.late_statements
         out["idle_cpu_percent"] = lf.idle_cpu_percent
+
+    if "producers" not in skip:
+        progress("phase: producers' commits per second, with and without the NOTIFY trigger")
+        with_trigger, without = asyncio.run(load.notify_cost())
+        out["producer_commits_per_s_with_trigger"] = with_trigger
+        out["producer_commits_per_s_without_trigger"] = without
+        out["producer_notify_cost_ratio"] = with_trigger / without
 
     if "inbox" not in skip:
         progress("phase: inbox consumer (bench/inbox.py)")

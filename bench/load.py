@@ -186,6 +186,39 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
                        idle)
 
 
+async def producer_commit_rate(schema: Schema, seconds: float, workers: int) -> float:
+    """Commits per second of ``workers`` connections inserting one row per transaction as fast
+    as they can (autocommit, synchronous_commit on: what an application does)."""
+    insert = sql.SQL(
+        "INSERT INTO {} (routing_key, payload) "
+        "VALUES ('nowhere', jsonb_build_object('n', 1, 'pad', repeat('x', {})))").format(
+            schema.table(), sql.Literal(PAD))
+    commits = 0
+
+    async def worker(stop: float) -> None:
+        nonlocal commits
+        async with await aconnect() as conn:
+            while time.perf_counter() < stop:
+                await conn.execute(insert, prepare=True)
+                commits += 1
+
+    stop = time.perf_counter() + seconds
+    await asyncio.gather(*(worker(stop) for _ in range(workers)))
+    return commits / seconds
+
+
+async def notify_cost(seconds: float = 4.0, workers: int = 8) -> tuple[float, float]:
+    """`producer_commit_rate` with the outbox's NOTIFY trigger, then with it disabled: what the
+    trigger costs the application's own transactions (no relay runs)."""
+    with Schema() as schema:
+        with_trigger = await producer_commit_rate(schema, seconds, workers)
+        async with await aconnect() as conn:
+            await conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER outbox_notify").format(
+                schema.table()))
+        without = await producer_commit_rate(schema, seconds, workers)
+    return with_trigger, without
+
+
 @dataclass
 class SoakFigures:
     table_mb: float

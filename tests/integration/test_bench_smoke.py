@@ -31,6 +31,11 @@ async def test_latency_phase_sees_every_offered_message() -> None:
     assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
 
 
+async def test_notify_cost_phase_measures_both_ways() -> None:
+    with_trigger, without = await load.notify_cost(seconds=0.3, workers=2)
+    assert with_trigger > 0 and without > 0
+
+
 def test_private_postgres_runs_the_stock_configuration_and_is_removed() -> None:
     with PostgresNode() as node, psycopg.connect(node.url) as conn:
         rec = conn.execute("SELECT current_setting('autovacuum')").fetchone()
