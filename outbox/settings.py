@@ -53,12 +53,12 @@ class Settings:
                        env="OUTBOX_SCHEMA"),
     )
     batch_size: int = field(
-        default=500,
+        default=1000,
         metadata=_meta("rows claimed and published per batch", env="OUTBOX_BATCH_SIZE",
                        minimum=1, maximum=10_000),
     )
     concurrency: int = field(
-        default=2,
+        default=3,
         metadata=_meta("batches in flight at once (each on its own database connection)",
                        env="OUTBOX_CONCURRENCY", minimum=1, maximum=16),
     )
