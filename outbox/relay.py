@@ -167,6 +167,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._wakeups: list[asyncio.Event] = []
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
+        self._in_flight = 0  # lanes publishing or settling a batch
         self._lanes_connected: set[int] = set()
 
     @property
@@ -214,13 +215,21 @@ class Relay:
                     rows = await session.claim(self.settings.batch_size)
                     if not rows:
                         await session.release()
-                        if self.drain:
+                        if self.drain and not self._in_flight:
+                            self._wake_all()  # lanes asleep below see the same and end
                             return
+                        # (draining, another lane's batch may free the next rows of its keys)
                         await self._sleep(wake, self.settings.poll_interval)
                         continue
                     if len(rows) == self.settings.batch_size:
                         self._wake()  # more may be waiting: a sleeping lane joins in
-                    await self._process(session, rows, lane)
+                    self._in_flight += 1
+                    try:
+                        await self._process(session, rows, lane)
+                    finally:
+                        self._in_flight -= 1
+                    if any(r.ordering_key is not None for r in rows):
+                        self._wake()  # the next rows of these keys are claimable now
                     failures = 0
                 except StoreUnavailable as exc:
                     failures += 1
