@@ -218,7 +218,8 @@ class Relay:
                         if self.drain and not self._in_flight:
                             self._wake_all()  # lanes asleep below see the same and end
                             return
-                        # (draining, another lane's batch may free the next rows of its keys)
+                        # (a drain waits too while a batch is in flight: it may free the next
+                        # rows of its keys)
                         await self._sleep(wake, self.settings.poll_interval)
                         continue
                     if len(rows) == self.settings.batch_size:
