@@ -17,7 +17,7 @@ import psycopg
 from bench import common
 from bench.common import Schema, progress
 from outbox.sql import for_schema
-from outbox.store import session_settings
+from outbox.store import libpq_options, session_settings
 
 
 def main() -> None:
@@ -32,8 +32,7 @@ def main() -> None:
         if args.jit:
             options.pop("jit")
         q = for_schema(schema.name)
-        with psycopg.connect(common.DATABASE_URL, options=" ".join(
-                f"-c {k}={v}" for k, v in options.items())) as conn:
+        with psycopg.connect(common.DATABASE_URL, options=libpq_options(options)) as conn:
             done, began = 0, time.perf_counter()
             mark, marked = began, 0
             while True:

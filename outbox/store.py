@@ -96,11 +96,16 @@ def session_settings(settings: Settings) -> dict[str, str]:
     }
 
 
+def libpq_options(values: dict[str, str]) -> str:
+    """Server settings as libpq's ``options`` connection parameter."""
+    return " ".join(f"-c {name}={value}" for name, value in values.items())
+
+
 async def connect(
     settings: Settings, *, autocommit: bool, purpose: str,
 ) -> psycopg.AsyncConnection[Any]:
     """Open a connection with the relay's session settings and deadlines."""
-    options = " ".join(f"-c {name}={value}" for name, value in session_settings(settings).items())
+    options = libpq_options(session_settings(settings))
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
             return await psycopg.AsyncConnection.connect(
