@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,16 +120,20 @@ class Schema:
 
 
 class Queue:
-    """A fresh durable queue on the default exchange, deleted on exit."""
+    """A fresh durable queue on the default exchange, deleted on exit. ``max_length`` > 0 caps it
+    (the broker drops the oldest message beyond it), so that its depth stays the same however
+    many messages a run publishes: the broker's cost per message then does not grow with the
+    run, as it does not in production where consumers keep the queue short."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int = 0) -> None:
         self.name = unique("bench")
+        self.arguments = {"x-max-length": max_length} if max_length else {}
 
     async def __aenter__(self) -> Queue:
         conn = await aiormq.connect(AMQP_URL)
         try:
             ch = await conn.channel()
-            await ch.queue_declare(self.name, durable=True)
+            await ch.queue_declare(self.name, durable=True, arguments=self.arguments)
         finally:
             await conn.close()
         return self
@@ -150,6 +155,33 @@ def relay_env(settings: Settings, **extra: str) -> dict[str, str]:
     })
     env.update(extra)
     return env
+
+
+class RelayProcess:
+    """A long-running `outbox relay` subprocess (stopped with SIGTERM, by its pid)."""
+
+    def __init__(self, schema: Schema, **env: str) -> None:
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay"],
+                                     env=relay_env(schema.settings, **env),
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        self.ps = psutil.Process(self.proc.pid)
+        self.peak_rss_mb = 0.0
+
+    def sample_rss(self) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
+
+    def stop(self) -> float:
+        """SIGTERM, wait; returns the sampled peak RSS in MB."""
+        self.sample_rss()
+        self.proc.send_signal(signal.SIGTERM)
+        _, status, _ = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            self._err.seek(0)
+            progress(f"relay exited {code}: {self._err.read().decode(errors='replace')[-2000:]}")
+        self._err.close()
+        return self.peak_rss_mb
 
 
 @dataclass

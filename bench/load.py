@@ -4,20 +4,14 @@ and the outbox table's size after a sustained run (the bloat soak)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import aiormq
 import orjson
-import psutil
 from psycopg import sql
 
-from bench.common import AMQP_URL, PAD, Queue, Schema, aconnect, progress, relay_env
+from bench.common import AMQP_URL, PAD, Queue, RelayProcess, Schema, aconnect, median
 
 
 class Receiver:
@@ -105,33 +99,6 @@ class Producers:
                 k += 1
 
 
-class RelayProcess:
-    """A long-running `outbox relay` subprocess (stopped with SIGTERM, by its pid)."""
-
-    def __init__(self, schema: Schema, **env: str) -> None:
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay"],
-                                     env=relay_env(schema.settings, **env),
-                                     stdout=subprocess.DEVNULL, stderr=self._err)
-        self.ps = psutil.Process(self.proc.pid)
-        self.peak_rss_mb = 0.0
-
-    def sample_rss(self) -> None:
-        self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
-
-    def stop(self) -> float:
-        """SIGTERM, wait; returns the sampled peak RSS in MB."""
-        self.sample_rss()
-        self.proc.send_signal(signal.SIGTERM)
-        _, status, _ = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            self._err.seek(0)
-            progress(f"relay exited {code}: {self._err.read().decode(errors='replace')[-2000:]}")
-        self._err.close()
-        return self.peak_rss_mb
-
-
 async def _warm_up(schema: Schema, receiver: Receiver, queue: str) -> None:
     warm = Producers(schema, queue, rate=100, workers=1)
     warm._next = 1  # numbers below 1,000,000 are not counted
@@ -186,12 +153,13 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
                        idle)
 
 
-async def producer_commit_rate(schema: Schema, seconds: float, workers: int) -> float:
+async def producer_commit_rate(schema: Schema, routing_key: str, seconds: float,
+                               workers: int) -> float:
     """Commits per second of ``workers`` connections inserting one row per transaction as fast
     as they can (autocommit, synchronous_commit on: what an application does)."""
     insert = sql.SQL(
         "INSERT INTO {} (routing_key, payload) "
-        "VALUES ('nowhere', jsonb_build_object('n', 1, 'pad', repeat('x', {})))").format(
+        "VALUES (%s, jsonb_build_object('n', 1, 'pad', repeat('x', {})))").format(
             schema.table(), sql.Literal(PAD))
     commits = 0
 
@@ -199,7 +167,7 @@ async def producer_commit_rate(schema: Schema, seconds: float, workers: int) -> 
         nonlocal commits
         async with await aconnect() as conn:
             while time.perf_counter() < stop:
-                await conn.execute(insert, prepare=True)
+                await conn.execute(insert, (routing_key,), prepare=True)
                 commits += 1
 
     stop = time.perf_counter() + seconds
@@ -207,16 +175,55 @@ async def producer_commit_rate(schema: Schema, seconds: float, workers: int) -> 
     return commits / seconds
 
 
-async def notify_cost(seconds: float = 4.0, workers: int = 8) -> tuple[float, float]:
-    """`producer_commit_rate` with the outbox's NOTIFY trigger, then with it disabled: what the
-    trigger costs the application's own transactions (no relay runs)."""
-    with Schema() as schema:
-        with_trigger = await producer_commit_rate(schema, seconds, workers)
-        async with await aconnect() as conn:
-            await conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER outbox_notify").format(
-                schema.table()))
-        without = await producer_commit_rate(schema, seconds, workers)
-    return with_trigger, without
+@dataclass
+class NotifyFigures:
+    """Producers' commits per second with the outbox trigger as migrated (it notifies only while
+    a relay waits for it), with the trigger of revision 0001 (a NOTIFY at every insert), and
+    with no trigger: medians of ``rounds`` rounds, taken in turn."""
+
+    flag: float
+    always: float
+    none: float
+
+
+async def notify_cost(seconds: float = 4.0, workers: int = 8, rounds: int = 3) -> NotifyFigures:
+    """`producer_commit_rate` while a relay publishes what they insert, under the three
+    triggers of `NotifyFigures`: what the NOTIFY costs the application's own transactions."""
+    always = sql.SQL("""
+CREATE OR REPLACE FUNCTION {}.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', '');
+    RETURN NULL;
+END
+$$""")
+    rates: dict[str, list[float]] = {"flag": [], "always": [], "none": []}
+    async with Queue() as queue:
+        with Schema() as schema:
+            async with await aconnect() as conn:
+                cur = await conn.execute(
+                    "SELECT pg_get_functiondef(%s::regprocedure)",
+                    (f"{sql.Identifier(schema.name).as_string(conn)}.outbox_notify()",))
+                rec = await cur.fetchone()
+                assert rec is not None
+                migrated = rec[0]
+                variants: dict[str, sql.Composable] = {
+                    "flag": sql.SQL(migrated),
+                    "always": always.format(sql.Identifier(schema.name)),
+                    "none": sql.SQL("ALTER TABLE {} DISABLE TRIGGER outbox_notify").format(
+                        schema.table()),
+                }
+                relay = RelayProcess(schema)
+                try:
+                    for _ in range(rounds):
+                        for name, statement in variants.items():
+                            await conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER "
+                                                       "outbox_notify").format(schema.table()))
+                            await conn.execute(statement)
+                            rates[name].append(await producer_commit_rate(
+                                schema, queue.name, seconds, workers))
+                finally:
+                    relay.stop()
+    return NotifyFigures(*(median(rates[n]) for n in ("flag", "always", "none")))
 
 
 @dataclass

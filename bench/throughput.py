@@ -15,6 +15,7 @@ from bench.common import (
     AMQP_URL,
     ProcessRun,
     Queue,
+    RelayProcess,
     Schema,
     aconnect,
     body,
@@ -31,12 +32,13 @@ def _properties(n: int) -> spec.Basic.Properties:
         timestamp=datetime.now(UTC), app_id="outbox")
 
 
-async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1) -> float:
+async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1, max_length: int = 0) -> float:
     """Raw aiormq, no database: publish n messages pipelined (the relay's own technique,
     `publish_pipelined`) and await their confirms. ``batch`` = 0 writes all n, then awaits all
     confirms; otherwise ``lanes`` channels each keep one batch in flight, like the relay's lanes.
-    Messages are built (properties included) inside the timed section, as the relay builds them."""
-    async with Queue() as queue:
+    Messages are built (properties included) inside the timed section, as the relay builds them.
+    ``max_length``: see `Queue`."""
+    async with Queue(max_length) as queue:
         conn = await aiormq.connect(AMQP_URL)
         try:
             channels = [await conn.channel(publisher_confirms=True, on_return_raises=True)
@@ -68,11 +70,12 @@ def startup_seconds() -> ProcessRun:
         return run_drain(schema.settings)
 
 
-def relay_drain(n: int, keys: int = 0, **env: str) -> tuple[float, ProcessRun]:
+def relay_drain(n: int, keys: int = 0, max_length: int = 0,
+                **env: str) -> tuple[float, ProcessRun]:
     """`outbox relay --drain` over a backlog of n rows; returns (seconds of work, the process).
-    The caller subtracts the startup time it measured."""
+    The caller subtracts the startup time it measured. ``max_length``: see `Queue`."""
     async def _run() -> tuple[float, ProcessRun]:
-        async with Queue() as queue:
+        async with Queue(max_length) as queue:
             with Schema() as schema:
                 schema.fill(n, queue.name, keys)
                 run = await asyncio.to_thread(run_drain, schema.settings, **env)
@@ -83,6 +86,49 @@ def relay_drain(n: int, keys: int = 0, **env: str) -> tuple[float, ProcessRun]:
         return run.wall, run
 
     return asyncio.run(_run())
+
+
+def relay_window_rates(n: int, rounds: int, first: int = 5_000,
+                       last: int = 55_000) -> list[float]:
+    """The relay's rate from its ``first`` to its ``last`` published message, ``rounds`` times
+    over one backlog of n rows (n > rounds * last): each round a new `outbox relay` process,
+    stopped once the queue holds ``last`` messages, and the queue emptied. Every window
+    publishes the same messages into the same queue depths, so windows over backlogs of
+    different sizes differ only by what the outbox table costs."""
+    async def _run() -> list[float]:
+        rates = []
+        async with Queue() as queue:
+            with Schema() as schema:
+                schema.fill(n, queue.name)
+                amqp = await aiormq.connect(AMQP_URL)
+                try:
+                    channel = await amqp.channel()
+                    for _ in range(rounds):
+                        rates.append(await _window(channel, queue.name, schema, first, last))
+                        await channel.queue_purge(queue.name)
+                finally:
+                    await amqp.close()
+        return rates
+
+    return asyncio.run(_run())
+
+
+async def _window(channel: aiormq.abc.AbstractChannel, queue: str, schema: Schema, first: int,
+                  last: int) -> float:
+    relay = RelayProcess(schema)
+    try:
+        start: tuple[float, int] | None = None
+        async with asyncio.timeout(600):
+            while True:  # the queue's depth, every 20 ms (±0.5 % over a 50k window)
+                ok = await channel.queue_declare(queue, passive=True)
+                now, depth = time.perf_counter(), ok.message_count or 0
+                if start is None and depth >= first:
+                    start = (now, depth)
+                elif start is not None and depth >= last:
+                    return (depth - start[1]) / (now - start[0])
+                await asyncio.sleep(0.02)
+    finally:
+        relay.stop()
 
 
 async def naive_rate(n: int) -> float:

@@ -247,7 +247,7 @@ class Doctor:
 
     async def check_privileges(self, conn: psycopg.AsyncConnection[Any]) -> None:
         rows = await self._all(conn, "doctor_privileges", {"schema": self.settings.schema})
-        can_select, can_delete, can_settle, owner, superuser = rows[0]
+        can_select, can_delete, can_settle, owner, superuser, can_flag = rows[0]
         missing = [what for what, ok in (("SELECT", can_select), ("DELETE", can_delete),
                                          ("UPDATE of the bookkeeping columns", can_settle))
                    if not ok]
@@ -258,6 +258,10 @@ class Doctor:
             self.add(Level.WARN, "grants", "the relay connects as "
                      f"{'a superuser' if superuser else 'the owner of the outbox table'} "
                      "(it can run DDL)", "use the least-privilege relay role of sql/roles.sql")
+        elif can_flag is False:
+            self.add(Level.WARN, "grants", "this role cannot UPDATE outbox_wakeup, so the relay "
+                     "cannot spare the producers a NOTIFY while it is busy (notifying commits "
+                     "are serialised by the server)", "run sql/roles.sql again")
         else:
             self.add(Level.OK, "grants", "role has the relay's privileges and no ownership")
 

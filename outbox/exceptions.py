@@ -36,3 +36,10 @@ class PermanentRefusal(OutboxError):
 
 class SchemaMissing(OutboxError):
     """The outbox tables do not exist in the configured schema: run `outbox migrate`."""
+
+
+class WakeupFlagUnavailable(OutboxError):
+    """The wake-up flag (migration 0002) is missing or not writable by this role.
+
+    The relay then leaves it raised: every insert sends a NOTIFY, as before the flag existed.
+    """

@@ -122,6 +122,12 @@ UPDATE {schema}.outbox o
   FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(counted)s::int[]) AS r(id, error, counted)
  WHERE o.id = r.id;
 
+-- want_wakeups --
+-- Raise or lower the flag the NOTIFY trigger reads (alembic/versions/0002): lowered while every
+-- lane of the relay is busy, so that inserts then skip the NOTIFY. One row counts when it changed.
+UPDATE {schema}.outbox_wakeup SET wanted = %(wanted)s, changed_at = now()
+ WHERE wanted IS DISTINCT FROM %(wanted)s;
+
 -- status --
 -- The backlog at a glance (`outbox status`, the gauges of /metrics).
 SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
@@ -250,7 +256,10 @@ SELECT has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'DELETE'
           FROM unnest(ARRAY['attempts', 'available_at', 'last_error', 'dead_at', 'sent_at'])
                AS col),
        pg_has_role(c.relowner, 'USAGE'),
-       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+       -- null when the wake-up flag's table is missing (a schema before revision 0002)
+       (SELECT has_table_privilege(w.oid, 'UPDATE') FROM pg_class w
+         WHERE w.relnamespace = n.oid AND w.relname = 'outbox_wakeup')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = %(schema)s AND c.relname = 'outbox';
 

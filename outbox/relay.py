@@ -27,6 +27,7 @@ from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
+from outbox.wakeup import WakeupFlag
 
 log = logging.getLogger("outbox.relay")
 
@@ -61,6 +62,11 @@ class StoreSession(Protocol):
 
     async def release(self) -> None:
         """Roll back: every claimed row goes back to pending untouched."""
+        ...
+
+    async def want_wakeups(self, wanted: bool) -> bool:
+        """Raise or lower the flag that makes inserts send a NOTIFY (outbox.wakeup); True when
+        it changed. Raises WakeupFlagUnavailable when it cannot be written."""
         ...
 
     async def close(self) -> None: ...
@@ -169,6 +175,8 @@ class Relay:
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
         self._in_flight = 0  # lanes publishing or settling a batch
         self._lanes_connected: set[int] = set()
+        self._flag = WakeupFlag(store, self._wake, lambda: bool(self._sleeping),
+                                settings.poll_interval)
 
     @property
     def ready(self) -> bool:
@@ -189,10 +197,14 @@ class Relay:
         helpers = [asyncio.create_task(self._listen(), name="outbox-listen")]
         if not self.drain:
             helpers.append(asyncio.create_task(self._refresh_stats(), name="outbox-stats"))
+        flag = asyncio.create_task(self._flag.run(), name="outbox-wakeup-flag")
         try:
             await asyncio.gather(*(
                 self._lane(i, ev) for i, ev in enumerate(lanes)))
         finally:
+            self._flag.close()  # its last write leaves the flag raised for the relays that stay
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(flag, self.settings.db_timeout)
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -222,6 +234,7 @@ class Relay:
                         # rows of its keys)
                         await self._sleep(wake, self.settings.poll_interval)
                         continue
+                    self._flag.busy()
                     if len(rows) == self.settings.batch_size:
                         self._wake()  # more may be waiting: a sleeping lane joins in
                     self._in_flight += 1
@@ -332,11 +345,13 @@ class Relay:
 
     async def _sleep(self, wake: asyncio.Event, timeout: float) -> None:
         self._sleeping.append(wake)
+        self._flag.asleep()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
         finally:
             self._sleeping.remove(wake)
+        self._flag.awake(polled=not wake.is_set())
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -16,7 +16,12 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
+from outbox.exceptions import (
+    PermanentRefusal,
+    SchemaMissing,
+    StoreUnavailable,
+    WakeupFlagUnavailable,
+)
 from outbox.relay import Stats
 from outbox.rows import Row, Settlement
 from outbox.settings import Settings, redact
@@ -169,6 +174,21 @@ class PgSession:
         with translate_errors("releasing a batch"):
             async with deadline(self.conn, self.settings.db_timeout):
                 await self.conn.commit()
+
+    async def want_wakeups(self, wanted: bool) -> bool:
+        with translate_errors("setting the wake-up flag"):
+            async with deadline(self.conn, self.settings.db_timeout):
+                try:
+                    cur = await self.conn.execute(self.q["want_wakeups"], {"wanted": wanted},
+                                                  prepare=True)
+                except (pgerrors.UndefinedTable, pgerrors.InsufficientPrivilege) as exc:
+                    await self.conn.rollback()
+                    raise WakeupFlagUnavailable(
+                        f"the wake-up flag cannot be set ({_first_line(exc)}): run `outbox "
+                        "migrate`, then sql/roles.sql, to let the relay spare the producers "
+                        "a NOTIFY while it is busy") from exc
+                await self.conn.commit()
+        return cur.rowcount == 1
 
     async def close(self) -> None:
         await self.conn.close()

@@ -58,6 +58,8 @@ class InMemoryStore:
         self.down = False  # set to make every call fail as a lost database would
         self._next_id = 1
         self._wakers: list[Callable[[], None]] = []
+        self.wakeups_wanted = True  # the flag the NOTIFY trigger reads (alembic/versions/0002)
+        self.wakeup_changes: list[bool] = []  # every change of it, in order
 
     def insert(self, routing_key: str, payload: Any = None, *, delay: float = 0.0,
                **fields: Any) -> StoredRow:
@@ -66,8 +68,7 @@ class InMemoryStore:
                         **fields)
         self.rows[row.id] = row
         self._next_id += 1
-        for wake in self._wakers:
-            wake()
+        self.notify()
         return row
 
     def insert_many(self, routing_key: str, payloads: Sequence[Any]) -> list[StoredRow]:
@@ -77,9 +78,14 @@ class InMemoryStore:
             inserted = [self.insert(routing_key, p) for p in payloads]
         finally:
             self._wakers = wakers
-        for wake in wakers:
-            wake()
+        self.notify()
         return inserted
+
+    def notify(self) -> None:
+        """What the trigger does after an insert: wake the listeners, if the flag asks for it."""
+        if self.wakeups_wanted:
+            for wake in self._wakers:
+                wake()
 
     def check(self) -> None:
         if self.down:
@@ -170,6 +176,14 @@ class InMemorySession:
             if row is not None and row.locked_by is self:
                 row.locked_by = None
         self.claimed = []
+
+    async def want_wakeups(self, wanted: bool) -> bool:
+        self.store.check()
+        if self.store.wakeups_wanted is wanted:
+            return False
+        self.store.wakeups_wanted = wanted
+        self.store.wakeup_changes.append(wanted)
+        return True
 
     async def close(self) -> None:
         await self.release()

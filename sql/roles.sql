@@ -69,10 +69,14 @@ GRANT UPDATE (attempts, available_at, last_error, dead_at, sent_at)
    ON :"schema".outbox TO :"relay_role";
 -- `outbox doctor` compares the schema's revision with the relay's.
 GRANT SELECT ON :"schema".outbox_schema_version TO :"relay_role";
+-- The relay lowers the wake-up flag while it is busy, so that inserts skip the NOTIFY then
+-- (alembic/versions/0002; everyone may read it, the trigger does).
+GRANT SELECT, UPDATE ON :"schema".outbox_wakeup TO :"relay_role";
 
 -- producer: insert events (the producer contract's columns; the relay's bookkeeping columns keep
 -- their defaults) and read back what RETURNING asks for. The identity column needs no sequence
--- grant. The NOTIFY trigger runs with the producer's rights and needs none either.
+-- grant. The NOTIFY trigger runs with the producer's rights and needs none either (the wake-up flag
+-- it reads is readable by every role).
 GRANT INSERT (message_id, exchange, routing_key, payload, payload_bytes, content_type, headers,
               ordering_key, message_type, correlation_id, available_at)
    ON :"schema".outbox TO :"producer_role";

@@ -115,3 +115,17 @@ async def test_rows_released_by_one_session_are_claimed_by_another(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_want_wakeups_says_whether_it_changed_the_flag(store_case: StoreCase) -> None:
+    session = await store_case.store.session()
+    try:
+        assert await session.want_wakeups(True) is False  # a fresh schema's flag is raised
+        assert await session.want_wakeups(False) is True
+        assert await session.want_wakeups(False) is False
+        assert await session.want_wakeups(True) is True
+        store_case.insert("rk")
+        assert len(await session.claim(5)) == 1  # it never ends up inside a claim
+        await session.release()
+    finally:
+        await session.close()

@@ -24,6 +24,11 @@ def test_relay_drains_a_backlog_and_reports_its_process() -> None:
     assert seconds > 0 and run.peak_rss_mb > 0
 
 
+def test_window_rates_are_taken_over_one_backlog_round_after_round() -> None:
+    rates = throughput.relay_window_rates(6_000, 2, first=200, last=1_500)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
 async def test_latency_phase_sees_every_offered_message() -> None:
     figures = await load.latency_and_idle(rate=200, seconds=0.5, idle_seconds=0.2)
     assert figures.offered > 0
@@ -31,9 +36,9 @@ async def test_latency_phase_sees_every_offered_message() -> None:
     assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
 
 
-async def test_notify_cost_phase_measures_both_ways() -> None:
-    with_trigger, without = await load.notify_cost(seconds=0.3, workers=2)
-    assert with_trigger > 0 and without > 0
+async def test_notify_cost_phase_measures_the_three_triggers() -> None:
+    figures = await load.notify_cost(seconds=0.3, workers=2, rounds=1)
+    assert figures.flag > 0 and figures.always > 0 and figures.none > 0
 
 
 def test_private_postgres_runs_the_stock_configuration_and_is_removed() -> None:

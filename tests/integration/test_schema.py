@@ -59,6 +59,27 @@ def test_missing_routing_key_and_duplicate_message_id_are_refused(settings: Sett
     assert err.value.diag.constraint_name == "outbox_message_id_key"
 
 
+def test_inserts_notify_only_while_the_wakeup_flag_is_raised(settings: Settings) -> None:
+    """The trigger reads outbox_wakeup (alembic/versions/0002). Notifications arrive in commit
+    order, so a sentinel NOTIFY after each insert shows whether the insert sent one."""
+    schema = sql.Identifier(settings.schema)
+    insert = sql.SQL("INSERT INTO {}.outbox (routing_key, payload) VALUES ('rk', '{{}}')").format(
+        schema)
+    flag = sql.SQL("UPDATE {}.outbox_wakeup SET wanted = %s").format(schema)
+    with psycopg.connect(settings.database_url, autocommit=True) as listener, \
+            psycopg.connect(settings.database_url, autocommit=True) as producer:
+        channel = f"{settings.schema}.outbox"
+        listener.execute(sql.SQL("LISTEN {}; LISTEN sentinel").format(sql.Identifier(channel)))
+        for wanted in (True, False, True):
+            producer.execute(flag, (wanted,))
+            producer.execute(insert)
+            producer.execute("NOTIFY sentinel")
+        seen: list[str] = []
+        for note in listener.notifies(timeout=10, stop_after=5):
+            seen.append("insert" if note.channel == channel else "sentinel")
+    assert seen == ["insert", "sentinel", "sentinel", "insert", "sentinel"]
+
+
 def test_migrate_twice_is_a_no_op_and_the_schema_is_configurable() -> None:
     schema = support.unique("mig")
     env = support.relay_env(support.make_settings(schema))
@@ -75,7 +96,7 @@ def test_migrate_twice_is_a_no_op_and_the_schema_is_configurable() -> None:
             tables = {r[0] for r in conn.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
                 (schema,))}
-        assert {"outbox", "inbox", "outbox_schema_version"} <= tables
+        assert {"outbox", "inbox", "outbox_schema_version", "outbox_wakeup"} <= tables
     finally:
         support.drop_schema(schema)
 

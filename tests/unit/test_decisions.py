@@ -8,11 +8,13 @@ from collections.abc import Sequence
 
 import pytest
 
+from outbox import wakeup
+from outbox.exceptions import WakeupFlagUnavailable
 from outbox.relay import Relay, decide, oversized
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
-from outbox.testing import InMemorySession, InMemoryStore, StubPublisher
+from outbox.testing import InMemorySession, InMemoryStore, StoredRow, StubPublisher
 from tests.support import wait_until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
@@ -207,6 +209,110 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
         await wait_until(lambda: len(pub.published) == 26 and len(claims) >= 6)
         assert sorted(n for _, n in claims if n) == [5, 10, 10]
         assert len({s for s, n in claims if n}) >= 2
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+class GatedPublisher(StubPublisher):
+    """Holds each batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+        self.waiting.set()
+        await asyncio.wait_for(self.gate.wait(), 10)
+        return await super().publish(rows, lane)
+
+
+async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy lanes claim again after each batch, so no NOTIFY is needed then (each one costs the
+    producers); once a lane sleeps the flag is raised, and when that changed it a lane claims
+    once more: a row committed while it was lowered sent no wake-up (poll_interval is 30 s
+    here, so only that claim can find it in time). Stopping leaves it raised."""
+    store, pub = InMemoryStore(), GatedPublisher()
+    raise_flag = InMemorySession.want_wakeups
+    late: list[StoredRow] = []
+
+    async def producer_commits_meanwhile(self: InMemorySession, wanted: bool) -> bool:
+        if wanted and not store.wakeups_wanted and not late:
+            late.append(store.insert("rk", {"late": True}))  # no wake-up: the flag is down
+        return await raise_flag(self, wanted)
+
+    monkeypatch.setattr(InMemorySession, "want_wakeups", producer_commits_meanwhile)
+    settings = Settings.load({"concurrency": 1, "poll_interval": 30}, environ={})
+    relay = Relay(settings, store, pub)
+    task = asyncio.create_task(relay.run())
+    try:
+        store.insert("rk", {"i": 0})
+        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await wait_until(lambda: not store.wakeups_wanted, 5)  # its only lane is busy
+        pub.gate.set()
+        await wait_until(lambda: len(pub.published) == 2, 5)
+        assert late and store.wakeup_changes == [False, True] and not store.rows
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
+    store, pub = InMemoryStore(), GatedPublisher()
+    pub.gate.set()
+    settings = Settings.load({"concurrency": 2, "poll_interval": 30}, environ={})
+    relay = Relay(settings, store, pub)
+    task = asyncio.create_task(relay.run())
+    try:
+        for i in range(5):
+            store.insert("rk", {"i": i})
+            await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
+        pub.gate.clear()  # one lane held in flight far longer than LOWER_AFTER
+        store.insert("rk", {"i": 5})
+        await asyncio.sleep(3 * wakeup.LOWER_AFTER)  # a wait for nothing to happen
+        assert store.wakeup_changes == []
+        pub.gate.set()
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_flag_another_relay_lowered_is_raised_at_the_next_poll() -> None:
+    """A relay that lowered the flag and died leaves it down: the others notice when their
+    sleep ends at the poll interval rather than by a wake-up, and raise it."""
+    store, pub = InMemoryStore(), StubPublisher()
+    relay = Relay(SETTINGS, store, pub)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: relay._sleeping, 5)
+        store.wakeups_wanted = False
+        store.insert("rk", {"i": 0})  # sends no wake-up; found by the poll
+        await wait_until(lambda: store.wakeups_wanted, 5)
+        await wait_until(lambda: len(pub.published) == 1, 5)
+        assert store.wakeup_changes == [True]
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_without_the_flag_the_relay_warns_once_and_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def unavailable(self: InMemorySession, wanted: bool) -> bool:
+        raise WakeupFlagUnavailable("no outbox_wakeup table")
+
+    monkeypatch.setattr(InMemorySession, "want_wakeups", unavailable)
+    store, pub = InMemoryStore(), StubPublisher()
+    relay = Relay(SETTINGS, store, pub)
+    task = asyncio.create_task(relay.run())
+    try:
+        for i in range(3):
+            store.insert("rk", {"i": i})
+            await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
+        warnings = [r for r in caplog.records if "no outbox_wakeup table" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+        assert relay.health.database
     finally:
         relay.stop()
         await asyncio.wait_for(task, 5)
