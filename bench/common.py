@@ -120,20 +120,16 @@ class Schema:
 
 
 class Queue:
-    """A fresh durable queue on the default exchange, deleted on exit. ``max_length`` > 0 caps it
-    (the broker drops the oldest message beyond it), so that its depth stays the same however
-    many messages a run publishes: the broker's cost per message then does not grow with the
-    run, as it does not in production where consumers keep the queue short."""
+    """A fresh durable queue on the default exchange, deleted on exit."""
 
-    def __init__(self, max_length: int = 0) -> None:
+    def __init__(self) -> None:
         self.name = unique("bench")
-        self.arguments = {"x-max-length": max_length} if max_length else {}
 
     async def __aenter__(self) -> Queue:
         conn = await aiormq.connect(AMQP_URL)
         try:
             ch = await conn.channel()
-            await ch.queue_declare(self.name, durable=True, arguments=self.arguments)
+            await ch.queue_declare(self.name, durable=True)
         finally:
             await conn.close()
         return self

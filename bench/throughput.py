@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -32,13 +33,12 @@ def _properties(n: int) -> spec.Basic.Properties:
         timestamp=datetime.now(UTC), app_id="outbox")
 
 
-async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1, max_length: int = 0) -> float:
+async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1) -> float:
     """Raw aiormq, no database: publish n messages pipelined (the relay's own technique,
     `publish_pipelined`) and await their confirms. ``batch`` = 0 writes all n, then awaits all
     confirms; otherwise ``lanes`` channels each keep one batch in flight, like the relay's lanes.
-    Messages are built (properties included) inside the timed section, as the relay builds them.
-    ``max_length``: see `Queue`."""
-    async with Queue(max_length) as queue:
+    Messages are built (properties included) inside the timed section, as the relay builds them."""
+    async with Queue() as queue:
         conn = await aiormq.connect(AMQP_URL)
         try:
             channels = [await conn.channel(publisher_confirms=True, on_return_raises=True)
@@ -70,12 +70,11 @@ def startup_seconds() -> ProcessRun:
         return run_drain(schema.settings)
 
 
-def relay_drain(n: int, keys: int = 0, max_length: int = 0,
-                **env: str) -> tuple[float, ProcessRun]:
+def relay_drain(n: int, keys: int = 0, **env: str) -> tuple[float, ProcessRun]:
     """`outbox relay --drain` over a backlog of n rows; returns (seconds of work, the process).
-    The caller subtracts the startup time it measured. ``max_length``: see `Queue`."""
+    The caller subtracts the startup time it measured."""
     async def _run() -> tuple[float, ProcessRun]:
-        async with Queue(max_length) as queue:
+        async with Queue() as queue:
             with Schema() as schema:
                 schema.fill(n, queue.name, keys)
                 run = await asyncio.to_thread(run_drain, schema.settings, **env)
@@ -88,47 +87,64 @@ def relay_drain(n: int, keys: int = 0, max_length: int = 0,
     return asyncio.run(_run())
 
 
-def relay_window_rates(n: int, rounds: int, first: int = 5_000,
-                       last: int = 55_000) -> list[float]:
-    """The relay's rate from its ``first`` to its ``last`` published message, ``rounds`` times
-    over one backlog of n rows (n > rounds * last): each round a new `outbox relay` process,
-    stopped once the queue holds ``last`` messages, and the queue emptied. Every window
-    publishes the same messages into the same queue depths, so windows over backlogs of
-    different sizes differ only by what the outbox table costs."""
-    async def _run() -> list[float]:
-        rates = []
-        async with Queue() as queue:
-            with Schema() as schema:
-                schema.fill(n, queue.name)
-                amqp = await aiormq.connect(AMQP_URL)
-                try:
-                    channel = await amqp.channel()
-                    for _ in range(rounds):
-                        rates.append(await _window(channel, queue.name, schema, first, last))
-                        await channel.queue_purge(queue.name)
-                finally:
-                    await amqp.close()
-        return rates
+class Backlog:
+    """A schema holding n pending rows for one queue; `window` measures a relay over the next
+    messages of it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Backlog:
+        self.queue = await self._stack.enter_async_context(Queue())
+        self.schema = self._stack.enter_context(Schema())
+        await asyncio.to_thread(self.schema.fill, self.n, self.queue.name)
+        self._amqp = await aiormq.connect(AMQP_URL)
+        self._stack.push_async_callback(self._amqp.close)
+        self._channel = await self._amqp.channel()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def window(self, first: int = 5_000, last: int = 55_000) -> float:
+        """The rate of a new `outbox relay` process from its ``first`` to its ``last`` published
+        message (the queue's depth every 20 ms: ±0.5 % over 50k); then the relay is stopped and
+        the queue emptied, so every window publishes into the same queue depths."""
+        relay = RelayProcess(self.schema)
+        try:
+            start: tuple[float, int] | None = None
+            async with asyncio.timeout(600):
+                while True:
+                    ok = await self._channel.queue_declare(self.queue.name, passive=True)
+                    now, depth = time.perf_counter(), ok.message_count or 0
+                    if start is None and depth >= first:
+                        start = (now, depth)
+                    elif start is not None and depth >= last:
+                        return (depth - start[1]) / (now - start[0])
+                    await asyncio.sleep(0.02)
+        finally:
+            relay.stop()
+            await self._channel.queue_purge(self.queue.name)
+
+
+def window_rates(big: int, small: int, rounds: int) -> tuple[list[float], list[float]]:
+    """`Backlog.window` over one backlog of ``big`` rows (one window after another: it needs
+    ``big`` > rounds * 60k or so) and, in turn, over fresh backlogs of ``small`` rows: the same
+    messages drained with many rows pending and with few, the broker's decline over a long run
+    left out."""
+    async def _run() -> tuple[list[float], list[float]]:
+        on_big, on_small = [], []
+        async with Backlog(big) as backlog:
+            for _ in range(rounds):
+                on_big.append(await backlog.window())
+                async with Backlog(small) as fresh:
+                    on_small.append(await fresh.window())
+                progress(f"  window over {big} rows: {on_big[-1]:.0f} msg/s, over {small}: "
+                         f"{on_small[-1]:.0f} msg/s")
+        return on_big, on_small
 
     return asyncio.run(_run())
-
-
-async def _window(channel: aiormq.abc.AbstractChannel, queue: str, schema: Schema, first: int,
-                  last: int) -> float:
-    relay = RelayProcess(schema)
-    try:
-        start: tuple[float, int] | None = None
-        async with asyncio.timeout(600):
-            while True:  # the queue's depth, every 20 ms (±0.5 % over a 50k window)
-                ok = await channel.queue_declare(queue, passive=True)
-                now, depth = time.perf_counter(), ok.message_count or 0
-                if start is None and depth >= first:
-                    start = (now, depth)
-                elif start is not None and depth >= last:
-                    return (depth - start[1]) / (now - start[0])
-                await asyncio.sleep(0.02)
-    finally:
-        relay.stop()
 
 
 async def naive_rate(n: int) -> float:

@@ -7,9 +7,9 @@ Create Date: 2026-12-02
 A NOTIFY costs the inserting transaction more than it seems: PostgreSQL holds one cluster-wide
 lock from a notifying commit until its WAL flush, so the application's inserting transactions
 commit one at a time (measured with 8 connections of single-row inserts: about half the commits
-per second). While every lane of the relay is busy it claims again as soon as a batch is settled
-and needs no wake-up, so it lowers this flag, and the trigger then skips the NOTIFY. A lane about
-to wait raises it and claims once more before it sleeps (docs in outbox/relay.py).
+per second). While every lane of the relay is busy, each claims again as soon as its batch is
+settled and needs no wake-up: the relay then lowers this flag and the trigger skips the NOTIFY.
+It raises the flag as soon as a lane sleeps (outbox/wakeup.py).
 """
 
 from alembic import context, op

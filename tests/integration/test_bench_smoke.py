@@ -24,9 +24,11 @@ def test_relay_drains_a_backlog_and_reports_its_process() -> None:
     assert seconds > 0 and run.peak_rss_mb > 0
 
 
-def test_window_rates_are_taken_over_one_backlog_round_after_round() -> None:
-    rates = throughput.relay_window_rates(6_000, 2, first=200, last=1_500)
-    assert len(rates) == 2 and all(r > 0 for r in rates)
+async def test_windows_are_taken_one_after_another_over_one_backlog() -> None:
+    async with throughput.Backlog(20_000) as backlog:
+        rates = [await backlog.window(200, 1_500) for _ in range(2)]
+        assert backlog.schema.pending() < 20_000 - 2 * 1_300
+    assert all(r > 0 for r in rates)
 
 
 async def test_latency_phase_sees_every_offered_message() -> None:
