@@ -110,8 +110,11 @@ class WakeupFlag:
                 except WakeupFlagUnavailable as exc:
                     log.warning("%s; until then every insert sends a NOTIFY", exc)
                     return
-                except (StoreUnavailable, PermanentRefusal, SchemaMissing):
-                    # the lanes report the database's state; here it only delays the flag
+                except Exception as exc:
+                    # The lanes report the database's state; here it only delays the flag. An
+                    # error nobody foresaw must not end the task silently either.
+                    if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
+                        log.exception("unexpected error while setting the wake-up flag")
                     if session is not None:
                         with contextlib.suppress(Exception):
                             await session.close()
