@@ -223,7 +223,7 @@ $$""")
                                 schema, queue.name, seconds, workers))
                 finally:
                     relay.stop()
-    return NotifyFigures(*(median(rates[n]) for n in ("flag", "always", "none")))
+    return NotifyFigures(**{name: median(r) for name, r in rates.items()})
 
 
 @dataclass

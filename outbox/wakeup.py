@@ -51,7 +51,7 @@ class WakeupFlag:
         self._sleeping = sleeping  # is a lane asleep now?
         self._poll_interval = poll_interval
         self._clock = clock
-        self._last_asleep = clock()  # when a lane was last seen asleep (as if at the start)
+        self._last_asleep = clock()  # when a lane's sleep last ended (as if at the start)
         self._written: bool | None = None  # what this relay last wrote (None: nothing yet)
         self._written_at = -math.inf
         self._recheck = False
@@ -60,7 +60,6 @@ class WakeupFlag:
 
     def asleep(self) -> None:
         """A lane went to sleep."""
-        self._last_asleep = self._clock()
         self._poked.set()
 
     def awake(self, *, polled: bool) -> None:
@@ -78,7 +77,6 @@ class WakeupFlag:
     def _wanted(self) -> tuple[bool, float | None]:
         """The flag as it should be now, and in how long to look again (None: when poked)."""
         if self._closing or self._sleeping():
-            self._last_asleep = self._clock()
             return True, None
         busy_for = self._clock() - self._last_asleep
         if busy_for >= LOWER_AFTER:

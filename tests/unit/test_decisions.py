@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -214,6 +215,17 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
         await asyncio.wait_for(task, 5)
 
 
+@contextlib.asynccontextmanager
+async def running(relay: Relay) -> AsyncIterator[Relay]:
+    """Run the relay for the block, then stop it and wait for it to end."""
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
 class GatedPublisher(StubPublisher):
     """Holds each batch until the test opens the gate."""
 
@@ -246,17 +258,13 @@ async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
     monkeypatch.setattr(InMemorySession, "want_wakeups", producer_commits_meanwhile)
     settings = Settings.load({"concurrency": 1, "poll_interval": 30}, environ={})
     relay = Relay(settings, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(relay):
         store.insert("rk", {"i": 0})
         await asyncio.wait_for(pub.waiting.wait(), 5)
         await wait_until(lambda: not store.wakeups_wanted, 5)  # its only lane is busy
         pub.gate.set()
         await wait_until(lambda: len(pub.published) == 2, 5)
         assert late and store.wakeup_changes == [False, True] and not store.rows
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
@@ -264,8 +272,7 @@ async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
     pub.gate.set()
     settings = Settings.load({"concurrency": 2, "poll_interval": 30}, environ={})
     relay = Relay(settings, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(relay):
         for i in range(5):
             store.insert("rk", {"i": i})
             await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
@@ -274,9 +281,6 @@ async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
         await asyncio.sleep(3 * wakeup.LOWER_AFTER)  # a wait for nothing to happen
         assert store.wakeup_changes == []
         pub.gate.set()
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_a_flag_another_relay_lowered_is_raised_at_the_next_poll() -> None:
@@ -284,17 +288,13 @@ async def test_a_flag_another_relay_lowered_is_raised_at_the_next_poll() -> None
     sleep ends at the poll interval rather than by a wake-up, and raise it."""
     store, pub = InMemoryStore(), StubPublisher()
     relay = Relay(SETTINGS, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(relay):
         await wait_until(lambda: relay._sleeping, 5)
         store.wakeups_wanted = False
         store.insert("rk", {"i": 0})  # sends no wake-up; found by the poll
         await wait_until(lambda: store.wakeups_wanted, 5)
         await wait_until(lambda: len(pub.published) == 1, 5)
         assert store.wakeup_changes == [True]
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_without_the_flag_the_relay_warns_once_and_goes_on(
@@ -305,14 +305,10 @@ async def test_without_the_flag_the_relay_warns_once_and_goes_on(
     monkeypatch.setattr(InMemorySession, "want_wakeups", unavailable)
     store, pub = InMemoryStore(), StubPublisher()
     relay = Relay(SETTINGS, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(relay):
         for i in range(3):
             store.insert("rk", {"i": i})
             await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
         warnings = [r for r in caplog.records if "no outbox_wakeup table" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
         assert relay.health.database
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
