@@ -98,6 +98,14 @@ SELECT a.pid, a.datname::text AS database,
          ORDER BY age(backend_xid) DESC
          LIMIT 1) AS a ON true;
 
+-- begin --
+-- A lane's transaction (outbox/store.py sends it in the same round trip as the claim).
+BEGIN;
+
+-- commit --
+-- Ends a lane's transaction (sent in the same round trip as the settling writes).
+COMMIT;
+
 -- delete_sent --
 -- Remove rows the broker confirmed.
 DELETE FROM {schema}.outbox WHERE id = ANY(%(ids)s);

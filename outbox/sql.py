@@ -36,18 +36,20 @@ class Queries:
         self.schema = schema
         ident = sql.Identifier(schema)
         channel = sql.Identifier(channel_name(schema))
-        self._q: dict[str, sql.Composed] = {
-            name: sql.SQL(text).format(schema=ident, channel=channel)
-            if "{channel}" in text else sql.SQL(text).format(schema=ident)
+        # Rendered to bytes once: psycopg would compose an `sql.Composed` again at every
+        # execution (about 30 µs for the claim, measured).
+        self._q: dict[str, bytes] = {
+            name: (sql.SQL(text).format(schema=ident, channel=channel)
+                   if "{channel}" in text else sql.SQL(text).format(schema=ident)).as_bytes(None)
             for name, text in raw_queries().items()
         }
 
-    def __getitem__(self, name: str) -> sql.Composed:
+    def __getitem__(self, name: str) -> bytes:
         return self._q[name]
 
     def text(self, name: str) -> str:
         """The query as a plain string, with psycopg's ``%(name)s`` placeholders."""
-        return self._q[name].as_string(None)
+        return self._q[name].decode()
 
     def sqlalchemy(self, name: str) -> Any:
         """The query as a SQLAlchemy `text()` clause (``:name`` placeholders), for any driver."""
