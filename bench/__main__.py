@@ -164,8 +164,11 @@ def run(args: argparse.Namespace) -> None:
                                                args.idle_seconds))
         out["latency_p50_ms"] = lf.p50_ms
         out["latency_p99_ms"] = lf.p99_ms
+        out["receive_latency_p50_ms"] = lf.receive_p50_ms
+        out["receive_latency_p99_ms"] = lf.receive_p99_ms
         out["latency_offered"] = lf.offered
         out["latency_offered_msgs_per_s"] = lf.offered_rate
+        out["latency_confirmed"] = lf.confirmed
         out["latency_received"] = lf.received
         out["latency_late_statements"] = lf.late_statements
         out["idle_cpu_percent"] = lf.idle_cpu_percent

@@ -163,6 +163,7 @@ class RelayProcess:
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss_mb = 0.0
+        self.log = ""  # its stderr, once stopped
 
     def sample_rss(self) -> None:
         self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
@@ -173,10 +174,11 @@ class RelayProcess:
         self.proc.send_signal(signal.SIGTERM)
         _, status, _ = os.wait4(self.proc.pid, 0)
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            self._err.seek(0)
-            progress(f"relay exited {code}: {self._err.read().decode(errors='replace')[-2000:]}")
+        self._err.seek(0)
+        self.log = self._err.read().decode(errors="replace")
         self._err.close()
+        if code != 0:
+            progress(f"relay exited {code}: {self.log[-2000:]}")
         return self.peak_rss_mb
 
 

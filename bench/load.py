@@ -4,10 +4,10 @@ and the outbox table's size after a sustained run (the bloat soak)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
 
-import aiormq
 import orjson
 from psycopg import sql
 
@@ -15,31 +15,46 @@ from bench.common import AMQP_URL, PAD, Queue, RelayProcess, Schema, aconnect, m
 
 
 class Receiver:
-    """Consumes the queue (no ack) and notes when each message number arrived."""
+    """Consumes the queue in a child process (bench/receiver.py) and notes when each message
+    number arrived there."""
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
         self.received: dict[int, float] = {}
         self.count = 0
         self._changed = asyncio.Event()
-        self._conn: aiormq.abc.AbstractConnection | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Receiver:
-        self._conn = await aiormq.connect(AMQP_URL)
-        ch = await self._conn.channel()
-        await ch.basic_qos(prefetch_count=2000)
-        await ch.basic_consume(self.queue, self._on_message, no_ack=True)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.receiver", AMQP_URL, self.queue,
+            stdout=asyncio.subprocess.PIPE)
+        assert self._proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = await self._proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"bench.receiver did not start (it said {line!r})")
+        self._reader = asyncio.create_task(self._read(self._proc.stdout))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            await self._conn.close()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            await self._proc.wait()
 
-    async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
-        now = time.perf_counter()
-        self.count += 1
-        self.received[orjson.loads(msg.body)["n"]] = now
-        self._changed.set()
+    async def _read(self, stdout: asyncio.StreamReader) -> None:
+        while line := await stdout.readline():
+            n, t = line.split()
+            self.received[int(n)] = float(t)
+            self.count += 1
+            self._changed.set()
+
+    def forget(self) -> None:
+        self.received.clear()
+        self.count = 0
 
     async def wait_for(self, n: int, timeout: float) -> bool:
         try:
@@ -62,7 +77,8 @@ class Producers:
     rate: float
     workers: int = 4
     rows: int = 1
-    committed: dict[int, float] = field(default_factory=dict)
+    committed: dict[int, float] = field(default_factory=dict)  # n -> perf_counter at commit
+    ids: dict[int, int] = field(default_factory=dict)  # outbox row id -> n
     late: int = 0  # statements that started over 10 ms behind schedule (the offered load slipped)
     _next: int = 1_000_000
 
@@ -73,7 +89,8 @@ class Producers:
         insert = sql.SQL(
             "INSERT INTO {} (routing_key, payload) "
             "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})) "
-            "FROM generate_series(%s::int, %s::int) g").format(
+            "FROM generate_series(%s::int, %s::int) g "
+            "RETURNING id, (payload->>'n')::int").format(
                 self.schema.table(), sql.Literal(PAD))
         interval = self.workers * self.rows / self.rate
         async with await aconnect() as conn:
@@ -91,9 +108,10 @@ class Producers:
                     self.late += 1
                 first = self._next
                 self._next += self.rows
-                await conn.execute(insert, (self.routing_key, first, first + self.rows - 1),
-                                   prepare=True)
+                cur = await conn.execute(
+                    insert, (self.routing_key, first, first + self.rows - 1), prepare=True)
                 done = time.perf_counter()
+                self.ids.update(await cur.fetchall())
                 for n in range(first, first + self.rows):
                     self.committed[n] = done
                 k += 1
@@ -105,31 +123,50 @@ async def _warm_up(schema: Schema, receiver: Receiver, queue: str) -> None:
     await warm.run(0.05)
     if not await receiver.wait_for(len(warm.committed), 30):
         raise RuntimeError("the relay did not publish the warm-up rows within 30 s")
-    receiver.received.clear()
-    receiver.count = 0
+    receiver.forget()
 
 
 @dataclass
 class LoadFigures:
+    """Latencies in ms, per message: ``p50_ms``/``p99_ms`` from the producer's commit returning
+    to the broker's confirm reaching the relay (the relay's debug log "batch published" gives the
+    confirm time of each row id); ``receive_*`` from the commit returning to the consumer
+    receiving the message (the broker delivers it before it confirms it)."""
+
     p50_ms: float
     p99_ms: float
+    receive_p50_ms: float
+    receive_p99_ms: float
     offered: int
     offered_rate: float
+    confirmed: int
     received: int
     late_statements: int
     idle_cpu_percent: float
 
 
+def confirm_times(relay_log: str) -> dict[int, float]:
+    """Row id -> when the relay had its confirm (time.time()), from its debug log."""
+    times: dict[int, float] = {}
+    for line in relay_log.splitlines():
+        if '"batch published"' in line:
+            entry = orjson.loads(line)
+            times.update(dict.fromkeys(entry["confirmed_ids"], entry["at"]))
+    return times
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
 async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
                            workers: int = 8) -> LoadFigures:
-    """Producers offer ``rate`` msg/s for ``seconds`` while a relay runs; commit-to-receive
-    latency per message, from the producer's commit returning to a consumer receiving it (close
-    to, not the same as, commit-to-confirm: the broker may deliver a persistent message before
-    it confirms it, after its fsync). Then the relay sits idle for ``idle_seconds`` and its CPU
-    is sampled."""
+    """Producers offer ``rate`` msg/s for ``seconds`` while a relay runs (`LoadFigures`). Then
+    the relay sits idle for ``idle_seconds`` and its CPU is sampled."""
     async with Queue() as queue, Receiver(queue.name) as receiver:
         with Schema() as schema:
-            relay = RelayProcess(schema)
+            relay = RelayProcess(schema, OUTBOX_LOG_LEVEL="debug")
             try:
                 await _warm_up(schema, receiver, queue.name)
                 # Enough producers that commits (each waits for its WAL flush) keep the pace.
@@ -139,18 +176,24 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
                 offered = len(producers.committed)
                 offered_rate = offered / (time.perf_counter() - began)
                 await receiver.wait_for(offered, 30)
-                lat = sorted((receiver.received[n] - t) * 1000
-                             for n, t in producers.committed.items() if n in receiver.received)
                 await asyncio.sleep(1.0)  # let the relay settle into idleness
                 relay.ps.cpu_percent(None)
                 await asyncio.sleep(idle_seconds)
                 idle = relay.ps.cpu_percent(None)
             finally:
                 relay.stop()
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
-    return LoadFigures(pct(0.50), pct(0.99), offered, offered_rate, len(lat), producers.late,
-                       idle)
+    wall_minus_perf = time.time() - time.perf_counter()
+    confirmed = confirm_times(relay.log)
+    committed = producers.committed
+    confirm = [(confirmed[i] - wall_minus_perf - committed[n]) * 1000
+               for i, n in producers.ids.items() if i in confirmed]
+    receive = [(receiver.received[n] - t) * 1000
+               for n, t in committed.items() if n in receiver.received]
+    return LoadFigures(
+        p50_ms=percentile(confirm, 0.50), p99_ms=percentile(confirm, 0.99),
+        receive_p50_ms=percentile(receive, 0.50), receive_p99_ms=percentile(receive, 0.99),
+        offered=offered, offered_rate=offered_rate, confirmed=len(confirm),
+        received=len(receive), late_statements=producers.late, idle_cpu_percent=idle)
 
 
 async def producer_commit_rate(schema: Schema, routing_key: str, seconds: float,

@@ -174,6 +174,8 @@ class Relay:
         self._wakeups: list[asyncio.Event] = []
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
         self._in_flight = 0  # lanes publishing or settling a batch
+        # a wake-up came while no lane slept, and no claim has begun since
+        self._unclaimed = False
         self._lanes_connected: set[int] = set()
         self._flag = WakeupFlag(store, self._wake, lambda: bool(self._sleeping),
                                 settings.poll_interval)
@@ -224,6 +226,7 @@ class Relay:
                         session = await self.store.session()
                         self._database_up(lane, True)
                     wake.clear()
+                    self._unclaimed = False  # this claim sees every row committed until now
                     rows = await session.claim(self.settings.batch_size)
                     if not rows:
                         await session.release()
@@ -232,7 +235,8 @@ class Relay:
                             return
                         # (a drain waits too while a batch is in flight: it may free the next
                         # rows of its keys)
-                        await self._sleep(wake, self.settings.poll_interval)
+                        if not self._unclaimed:
+                            await self._sleep(wake, self.settings.poll_interval)
                         continue
                     self._flag.busy()
                     if len(rows) == self.settings.batch_size:
@@ -277,15 +281,22 @@ class Relay:
             results = [poison.get(i) or next(published) for i in range(len(rows))]
         else:
             results = await self.publisher.publish(rows, lane)
+        confirmed_at = time.time()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch published", extra={"fields": {
+                "lane": lane, "rows": len(rows), "at": confirmed_at, "confirmed_ids": [
+                    r.id for r, res in zip(rows, results, strict=True)
+                    if res.outcome is Outcome.CONFIRMED]}})
         settlement = decide(rows, results, self.settings, self._rng)
         await session.settle(settlement)
-        self._account(rows, results, settlement)
+        self._account(rows, results, settlement, confirmed_at)
 
-    def _account(self, rows: list[Row], results: list[Result], s: Settlement) -> None:
-        now = time.time()
+    def _account(self, rows: list[Row], results: list[Result], s: Settlement,
+                 confirmed_at: float) -> None:
         for row, res in zip(rows, results, strict=True):
             if res.outcome is Outcome.CONFIRMED:
-                metrics.COMMIT_TO_CONFIRM.observe(max(0.0, now - row.created_at.timestamp()))
+                metrics.COMMIT_TO_CONFIRM.observe(
+                    max(0.0, confirmed_at - row.created_at.timestamp()))
             elif res.outcome is not Outcome.UNSETTLED:
                 metrics.FAILURES.labels(res.kind or "other").inc()
                 log.warning("publish failed", extra={"fields": {
@@ -372,13 +383,14 @@ class Relay:
 
     def _wake(self) -> None:
         """New rows: wake one sleeping lane (waking them all made every lane but one claim
-        nothing). With none asleep, flag every lane instead: a lane whose claim began before
-        the rows committed then claims again rather than going to sleep."""
+        nothing). With none asleep, note it: a claim that began before the rows committed and
+        comes back empty is then made again, unless another claim has begun since (it sees
+        them). Waking every lane instead made each one whose claim was under way claim again."""
         for ev in self._sleeping:
             if not ev.is_set():
                 ev.set()
                 return
-        self._wake_all()
+        self._unclaimed = True
 
     def _wake_all(self) -> None:
         for ev in self._wakeups:

@@ -34,8 +34,9 @@ async def test_windows_are_taken_one_after_another_over_one_backlog() -> None:
 async def test_latency_phase_sees_every_offered_message() -> None:
     figures = await load.latency_and_idle(rate=200, seconds=0.5, idle_seconds=0.2)
     assert figures.offered > 0
-    assert figures.received == figures.offered
+    assert figures.received == figures.confirmed == figures.offered
     assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
+    assert not math.isnan(figures.receive_p99_ms)
 
 
 async def test_notify_cost_phase_measures_the_three_triggers() -> None:

@@ -215,6 +215,33 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
         await asyncio.wait_for(task, 5)
 
 
+async def test_rows_committed_during_every_lanes_claim_are_claimed_once_more_by_one_lane(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wake-up while no lane sleeps: the claims under way began before the row committed, so
+    one of them must be made again (poll_interval is 30 s: nothing else would find the row in
+    time), and only one: a claim begun after the wake-up sees the row."""
+    claims: list[int] = []
+    hold = asyncio.Event()
+    claim = InMemorySession.claim
+
+    async def held(self: InMemorySession, limit: int) -> list[Row]:
+        got = await claim(self, limit)  # the rows it sees are fixed when it begins
+        claims.append(len(got))
+        await asyncio.wait_for(hold.wait(), 5)
+        return got
+
+    monkeypatch.setattr(InMemorySession, "claim", held)
+    store, pub = InMemoryStore(), StubPublisher()
+    settings = Settings.load({"concurrency": 3, "poll_interval": 30}, environ={})
+    async with running(Relay(settings, store, pub)) as relay:
+        await wait_until(lambda: len(claims) == 3)  # every lane is inside an empty claim
+        store.insert("rk", {"i": 0})
+        hold.set()
+        await wait_until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3, 5)
+        # the three empty claims; one made again, which got the row; that lane's next claim
+        assert claims == [0, 0, 0, 1, 0]
+
+
 @contextlib.asynccontextmanager
 async def running(relay: Relay) -> AsyncIterator[Relay]:
     """Run the relay for the block, then stop it and wait for it to end."""
