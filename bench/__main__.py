@@ -159,19 +159,30 @@ def run(args: argparse.Namespace) -> None:
 
     if "latency" not in skip:
         progress(f"phase: latency at {args.latency_rate:g} msg/s offered for "
-                 f"{args.latency_seconds:g} s, then {args.idle_seconds:g} s idle")
-        lf = asyncio.run(load.latency_and_idle(args.latency_rate, args.latency_seconds,
-                                               args.idle_seconds))
-        out["latency_p50_ms"] = lf.p50_ms
-        out["latency_p99_ms"] = lf.p99_ms
-        out["receive_latency_p50_ms"] = lf.receive_p50_ms
-        out["receive_latency_p99_ms"] = lf.receive_p99_ms
-        out["latency_offered"] = lf.offered
-        out["latency_offered_msgs_per_s"] = lf.offered_rate
-        out["latency_confirmed"] = lf.confirmed
-        out["latency_received"] = lf.received
-        out["latency_late_statements"] = lf.late_statements
-        out["idle_cpu_percent"] = lf.idle_cpu_percent
+                 f"{args.latency_seconds:g} s, then {args.idle_seconds:g} s idle "
+                 f"({args.rounds} rounds)")
+        rounds: list[load.LoadFigures] = []
+        for r in range(args.rounds):
+            lf = asyncio.run(load.latency_and_idle(args.latency_rate, args.latency_seconds,
+                                                   args.idle_seconds))
+            rounds.append(lf)
+            progress(f"  round {r + 1}: commit-to-confirm p50 {lf.p50_ms:.1f} ms, p99 "
+                     f"{lf.p99_ms:.1f} ms; {lf.late_statements} statements late")
+
+        def of(name: str) -> list[float]:
+            return [getattr(lf, name) for lf in rounds]
+        out["latency_p50_ms"] = median(of("p50_ms"))
+        out["latency_p99_ms"] = median(of("p99_ms"))
+        out["receive_latency_p50_ms"] = median(of("receive_p50_ms"))
+        out["receive_latency_p99_ms"] = median(of("receive_p99_ms"))
+        out["latency_offered_msgs_per_s"] = median(of("offered_rate"))
+        out["latency_late_statements"] = median(of("late_statements"))
+        out["idle_cpu_percent"] = median(of("idle_cpu_percent"))
+        out["latency_p50_rounds"] = spread(of("p50_ms"))
+        out["latency_p99_rounds"] = spread(of("p99_ms"))
+        out["latency_late_statements_rounds"] = spread(of("late_statements"))
+        out["latency_rows_offered_confirmed_received"] = (
+            f"{sum(of('offered')):.0f} {sum(of('confirmed')):.0f} {sum(of('received')):.0f}")
 
     if "producers" not in skip:
         progress("phase: producers' commits per second while a relay runs, with the trigger as "

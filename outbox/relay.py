@@ -80,7 +80,8 @@ class Store(Protocol):
         ...
 
     async def listen(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` on every NOTIFY of the outbox until the connection fails (raises)."""
+        """Call ``wake`` once listening (rows may have come before), then on every NOTIFY of
+        the outbox, until the connection fails (raises)."""
         ...
 
     async def stats(self) -> Stats: ...
@@ -176,6 +177,7 @@ class Relay:
         self._in_flight = 0  # lanes publishing or settling a batch
         # a wake-up came while no lane slept, and no claim has begun since
         self._unclaimed = False
+        self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
         self._flag = WakeupFlag(store, self._wake, lambda: bool(self._sleeping),
                                 settings.poll_interval)
@@ -249,6 +251,8 @@ class Relay:
                     if any(r.ordering_key is not None for r in rows):
                         self._wake()  # the next rows of these keys are claimable now
                     failures = 0
+                    if self._may_rest(rows):
+                        await self._sleep(wake, self.settings.poll_interval)
                 except StoreUnavailable as exc:
                     failures += 1
                     await self._drop(session)
@@ -364,6 +368,18 @@ class Relay:
             self._sleeping.remove(wake)
         self._flag.awake(polled=not wake.is_set())
 
+    def _may_rest(self, batch: list[Row]) -> bool:
+        """After a batch, sleep rather than claim again when nothing says that rows wait: the
+        batch was neither full nor keyed (the next rows of its keys are claimable now), no
+        wake-up came since the last claim began, and inserts send one (LISTEN in place). While
+        this relay keeps the flag lowered its lanes claim on (a lane asleep would have the flag
+        raised again: a write, and a claim more). At a steady load below saturation, the claim
+        made after every batch found nothing in one case out of four (measured at 1,000 msg/s).
+        A drain always claims again: an empty claim is how it ends."""
+        return (not self.drain and len(batch) < self.settings.batch_size
+                and all(r.ordering_key is None for r in batch) and not self._unclaimed
+                and self._listening and self._flag.notifying)
+
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
@@ -376,10 +392,17 @@ class Relay:
         failures = 0
         while True:
             try:
-                await self.store.listen(self._wake)
+                await self.store.listen(self._heard)
             except (StoreUnavailable, PermanentRefusal):
                 failures += 1
+            finally:
+                self._listening = False
             await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
+
+    def _heard(self) -> None:
+        """A NOTIFY, or the listener's first call once LISTEN is in place."""
+        self._listening = True
+        self._wake()
 
     def _wake(self) -> None:
         """New rows: wake one sleeping lane (waking them all made every lane but one claim

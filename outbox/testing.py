@@ -98,6 +98,7 @@ class InMemoryStore:
     async def listen(self, wake: Callable[[], None]) -> None:
         self.check()
         self._wakers.append(wake)
+        wake()  # as PgStore does once LISTEN is in place
         try:
             while not self.down:
                 await asyncio.sleep(0.05)

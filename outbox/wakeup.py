@@ -58,6 +58,12 @@ class WakeupFlag:
         self._closing = False
         self._poked = asyncio.Event()
 
+    @property
+    def notifying(self) -> bool:
+        """Inserts send a NOTIFY, as far as this relay knows: it has not lowered the flag (which
+        unavailable counts as raised: the trigger of revision 0001 always notifies)."""
+        return self._written is not False
+
     def asleep(self) -> None:
         """A lane went to sleep."""
         self._poked.set()

@@ -26,6 +26,17 @@ def rows(store: InMemoryStore, n: int, **kw: object) -> list[Row]:
     return [store.insert("rk", {"i": i}, **kw).as_row() for i in range(n)]
 
 
+@contextlib.asynccontextmanager
+async def running(relay: Relay) -> AsyncIterator[Relay]:
+    """Run the relay for the block, then stop it and wait for it to end."""
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
 def test_backoff_doubles_is_capped_and_jittered() -> None:
     rng = random.Random(1)
     delays = [backoff(a, 1.0, 8.0, rng) for a in range(1, 8)]
@@ -198,21 +209,19 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
     settings = Settings.load({"batch_size": 10, "concurrency": 3, "poll_interval": 30},
                              environ={})
     relay = Relay(settings, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(relay):
         await wait_until(lambda: len(claims) == 3)  # every lane found nothing and sleeps
         claims.clear()
         store.insert("rk", {"i": 0})
-        await wait_until(lambda: len(claims) == 2)
-        assert [n for _, n in claims] == [1, 0]  # one lane: its row, then nothing; no other
+        await wait_until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3)
+        # one lane claimed its row; none claimed in vain, not even that lane after its batch
+        # (no wake-up came since, so no row can be waiting)
+        assert [n for _, n in claims] == [1]
         claims.clear()
         store.insert_many("rk", [{"i": i} for i in range(25)])
-        await wait_until(lambda: len(pub.published) == 26 and len(claims) >= 6)
+        await wait_until(lambda: len(pub.published) == 26 and len(relay._sleeping) == 3)
         assert sorted(n for _, n in claims if n) == [5, 10, 10]
         assert len({s for s, n in claims if n}) >= 2
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_rows_committed_during_every_lanes_claim_are_claimed_once_more_by_one_lane(
@@ -238,19 +247,8 @@ async def test_rows_committed_during_every_lanes_claim_are_claimed_once_more_by_
         store.insert("rk", {"i": 0})
         hold.set()
         await wait_until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3, 5)
-        # the three empty claims; one made again, which got the row; that lane's next claim
-        assert claims == [0, 0, 0, 1, 0]
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[Relay]:
-    """Run the relay for the block, then stop it and wait for it to end."""
-    task = asyncio.create_task(relay.run())
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
+        # the three empty claims, and one made again, which got the row
+        assert claims == [0, 0, 0, 1]
 
 
 class GatedPublisher(StubPublisher):
@@ -265,6 +263,26 @@ class GatedPublisher(StubPublisher):
         self.waiting.set()
         await asyncio.wait_for(self.gate.wait(), 10)
         return await super().publish(rows, lane)
+
+
+async def test_without_a_listener_a_lane_claims_again_after_each_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane sleeps after a batch only while inserts wake it; with LISTEN not in place, a row
+    committed during the batch must be found by the next claim, not by the poll (30 s here)."""
+    async def never_in_place(self: InMemoryStore, wake: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(InMemoryStore, "listen", never_in_place)
+    store, pub = InMemoryStore(), GatedPublisher()
+    settings = Settings.load({"concurrency": 1, "poll_interval": 30}, environ={})
+    async with running(Relay(settings, store, pub)) as relay:
+        await wait_until(lambda: relay._sleeping, 5)
+        store.insert("rk", {"i": 0})
+        relay._wake()  # a wake-up from elsewhere (the flag's re-claim): the lane claims
+        await asyncio.wait_for(pub.waiting.wait(), 5)
+        store.insert("rk", {"i": 1})  # no listener: nobody hears of it
+        pub.gate.set()
+        await wait_until(lambda: len(pub.published) == 2, 5)
 
 
 async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
