@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> None:
         out["latency_p50_rounds"] = spread(of("p50_ms"))
         out["latency_p99_rounds"] = spread(of("p99_ms"))
         out["latency_late_statements_rounds"] = spread(of("late_statements"))
+        confirm_p50, confirm_p99 = asyncio.run(throughput.confirm_latency(2_000))
+        out["broker_confirm_p50_ms"] = confirm_p50
+        out["broker_confirm_p99_ms"] = confirm_p99
         out["latency_rows_offered_confirmed_received"] = (
             f"{sum(of('offered')):.0f} {sum(of('confirmed')):.0f} {sum(of('received')):.0f}")
 

@@ -64,6 +64,34 @@ async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1) -> float:
     return n / elapsed
 
 
+async def confirm_latency(n: int) -> tuple[float, float]:
+    """The broker's part of the latency: one message at a time through the relay's publish path
+    (`publish_pipelined`), each confirm awaited before the next, with a consumer attached as in
+    the latency phase. Returns p50 and p99 of publish-to-confirm, in ms."""
+    async def drop(message: aiormq.abc.DeliveredMessage) -> None:
+        pass
+
+    times: list[float] = []
+    async with Queue() as queue:
+        conn = await aiormq.connect(AMQP_URL)
+        try:
+            consumer = await conn.channel()
+            await consumer.basic_consume(queue.name, drop, no_ack=True)
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            for i in range(n):
+                start = time.perf_counter()
+                pipelined = await publish_pipelined(
+                    channel, [(body(i), "", queue.name, _properties(i))])
+                await pipelined.wait(None)
+                pipelined.forget()
+                pipelined.futures[0].result()  # raises if the broker refused it
+                times.append((time.perf_counter() - start) * 1000)
+        finally:
+            await conn.close()
+    times.sort()
+    return times[n // 2], times[min(n - 1, int(0.99 * n))]
+
+
 def startup_seconds() -> ProcessRun:
     """A drain of an empty outbox: process start, imports, connections, exit."""
     with Schema() as schema:

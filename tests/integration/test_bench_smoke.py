@@ -16,6 +16,8 @@ pytestmark = pytest.mark.timeout(60)
 async def test_ceiling_and_naive_publish_every_message() -> None:
     assert await throughput.ceiling_rate(200) > 0
     assert await throughput.naive_rate(50) > 0
+    p50, p99 = await throughput.confirm_latency(20)
+    assert 0 < p50 <= p99
 
 
 def test_relay_drains_a_backlog_and_reports_its_process() -> None:
