@@ -78,7 +78,8 @@ def relay_rounds(rounds: int, rows: int, startup: float, startup_cpu: float,
         rates.append(run.published / max(1e-6, wall - startup))
         cpu.append((run.cpu - startup_cpu) / rows * 1e6)
         rss = max(rss, run.peak_rss_mb)
-        progress(f"  relay{f' ({keys} keys)' if keys else ''} round {r + 1}: "
+        progress(f"  relay{f' ({keys} keys)' if keys else ''}"
+                 f"{f' round {r + 1}' if rounds > 1 else ''}: "
                  f"{rates[-1]:.0f} msg/s, {cpu[-1]:.0f} µs CPU/msg")
     return rates, cpu, rss
 
