@@ -8,8 +8,8 @@ batch is settled), so one task of the relay lowers the flag once no lane has sle
 committed meanwhile sent no NOTIFY, so the task wakes a lane to claim once more.
 
 What is left uncovered: a producer whose insert read the flag lowered and which commits after
-that last claim. A busy lane of some relay finds the row at its next claim; when every lane
-sleeps, the poll (``poll_interval``) does.
+that last claim. The next claim of any lane of any relay finds the row (the next insert's NOTIFY
+brings one); when nothing else comes, the poll (``poll_interval``) does.
 
 The task writes on its own connection, never on a lane's path. It imports no driver: it talks to
 the `Store` of `outbox.relay`.
