@@ -119,10 +119,9 @@ def run(args: argparse.Namespace) -> None:
         naive: list[float] = []
         for r in range(args.rounds):
             progress(f"phase: throughput round {r + 1} of {args.rounds}")
-            all_at_once.append(asyncio.run(throughput.ceiling_rate(args.rows)))
+            all_at_once.append(throughput.ceiling(args.rows))
             progress(f"  ceiling, all written, then all confirms: {all_at_once[-1]:.0f} msg/s")
-            windowed.append(asyncio.run(throughput.ceiling_rate(
-                args.rows, defaults.batch_size, defaults.concurrency)))
+            windowed.append(throughput.relay_like_ceiling(args.rows))
             progress(f"  ceiling, {defaults.concurrency} channels x {defaults.batch_size} "
                      f"in flight: {windowed[-1]:.0f} msg/s")
             ceiling.append(max(all_at_once[-1], windowed[-1]))
@@ -209,11 +208,11 @@ def run(args: argparse.Namespace) -> None:
         # over the same numbers of messages tells that apart from what the outbox table does.
         progress(f"phase: backlog of 10k rows ({args.rounds} rounds), and the ceiling")
         small, _, _ = relay_rounds(args.rounds, 10_000, startup, startup_cpu)
-        small_ceiling = [asyncio.run(throughput.ceiling_rate(10_000, 500, 2))
+        small_ceiling = [throughput.relay_like_ceiling(10_000)
                          for _ in range(args.rounds)]
         progress(f"phase: backlog of {args.big_backlog} rows, and the ceiling")
         big, _, big_rss = relay_rounds(1, args.big_backlog, startup, startup_cpu)
-        big_ceiling = asyncio.run(throughput.ceiling_rate(args.big_backlog, 500, 2))
+        big_ceiling = throughput.relay_like_ceiling(args.big_backlog)
         out["backlog_10k_msgs_per_s"] = median(small)
         out["backlog_1m_msgs_per_s"] = big[0]
         out["backlog_1m_vs_10k"] = big[0] / median(small)

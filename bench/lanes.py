@@ -7,7 +7,6 @@ Uses OUTBOX_BENCH_DATABASE_URL or the machine's server, like the other phases ru
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from bench import throughput
 from bench.common import median, progress
@@ -24,8 +23,7 @@ def main() -> None:
     startup = median([throughput.startup_seconds().wall for _ in range(3)])
     ratios: dict[str, list[float]] = {c: [] for c in args.configs}
     for r in range(args.rounds):
-        ceiling = max(asyncio.run(throughput.ceiling_rate(args.rows, 500, 2)),
-                      asyncio.run(throughput.ceiling_rate(args.rows)))
+        ceiling = max(throughput.relay_like_ceiling(args.rows), throughput.ceiling(args.rows))
         for config in args.configs:
             lanes, batch = config.split("x")
             wall, _ = throughput.relay_drain(args.rows, args.keys, OUTBOX_CONCURRENCY=lanes,

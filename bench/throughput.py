@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 
 import aiormq
+import uvloop
 from pamqp import commands as spec
 from psycopg import sql
 
@@ -24,6 +25,7 @@ from bench.common import (
     run_drain,
 )
 from outbox.publisher import Message, publish_pipelined
+from outbox.settings import Settings
 
 
 def _properties(n: int) -> spec.Basic.Properties:
@@ -62,6 +64,19 @@ async def ceiling_rate(n: int, batch: int = 0, lanes: int = 1) -> float:
         finally:
             await conn.close()
     return n / elapsed
+
+
+def ceiling(n: int, batch: int = 0, lanes: int = 1) -> float:
+    """`ceiling_rate` under uvloop, the relay's own event loop: under the default loop the
+    ceiling measured ~6 % lower here (10,180 against 10,880 msg/s, three pairs), which would
+    flatter the relay."""
+    return uvloop.run(ceiling_rate(n, batch, lanes))
+
+
+def relay_like_ceiling(n: int) -> float:
+    """The ceiling with as many channels as the relay has lanes, one batch each in flight."""
+    defaults = Settings()
+    return ceiling(n, defaults.batch_size, defaults.concurrency)
 
 
 async def confirm_latency(n: int) -> tuple[float, float]:
