@@ -44,6 +44,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def percentile(values: Sequence[float], p: float) -> float:
+    """The value below which a share ``p`` of ``values`` falls (nan when there are none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
 def connect() -> psycopg.Connection[Any]:
     """An autocommit connection to the benchmark's database."""
     return psycopg.connect(DATABASE_URL, autocommit=True)

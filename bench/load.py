@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 import orjson
 from psycopg import sql
 
-from bench.common import AMQP_URL, PAD, Queue, RelayProcess, Schema, aconnect, median
+from bench.common import (
+    AMQP_URL,
+    PAD,
+    Queue,
+    RelayProcess,
+    Schema,
+    aconnect,
+    median,
+    percentile,
+)
 
 
 class Receiver:
@@ -153,11 +162,6 @@ def confirm_times(relay_log: str) -> dict[int, float]:
             entry = orjson.loads(line)
             times.update(dict.fromkeys(entry["confirmed_ids"], entry["at"]))
     return times
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
 async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,

@@ -21,6 +21,7 @@ from bench.common import (
     Schema,
     aconnect,
     body,
+    percentile,
     progress,
     run_drain,
 )
@@ -103,8 +104,7 @@ async def confirm_latency(n: int) -> tuple[float, float]:
                 times.append((time.perf_counter() - start) * 1000)
         finally:
             await conn.close()
-    times.sort()
-    return times[n // 2], times[min(n - 1, int(0.99 * n))]
+    return percentile(times, 0.50), percentile(times, 0.99)
 
 
 def startup_seconds() -> ProcessRun:
