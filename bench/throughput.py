@@ -25,7 +25,7 @@ from bench.common import (
     progress,
     run_drain,
 )
-from outbox.publisher import Message, publish_pipelined
+from outbox.frames import Message, publish_pipelined
 from outbox.settings import Settings
 
 

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbox.publisher import reader_died
+from outbox.frames import reader_died
 from outbox.settings import Settings
 from tests import support
 from tests.proxy import FaultProxy

@@ -11,7 +11,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from outbox.publisher import marshal_message
+from outbox.frames import marshal_message
 
 FULL = spec.Basic.Properties(
     content_type="application/json", delivery_mode=2, message_id="6f1c0c5e-0000-4000-8000-1",
