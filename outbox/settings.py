@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from outbox.exceptions import ConfigError
 
@@ -181,23 +181,21 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = ",".join(redact(u) for u in value.split(",")) if f.metadata[
-                "secret"] else value
+            out[f.name] = redact(value) if f.metadata["secret"] else value
         return out
 
 
+_USERINFO_PASSWORD = re.compile(r"(://[^:/?#@,]*:)[^@/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|sslpassword)=)[^&#]*", re.I)
+
+
 def redact(url: str) -> str:
-    """Replace the password of a URL with ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """Replace the passwords of a URL (or of a comma-separated list of URLs) with ``***``.
+
+    Textual on purpose: a libpq multi-host URL (``postgresql://u:p@h1:5432,h2:5432/db``) is no
+    URL that `urllib.parse` can split, and must be redacted all the same.
+    """
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
 def flag_name(name: str) -> str:

@@ -56,6 +56,27 @@ def test_redact_removes_passwords() -> None:
         {"database_url": "postgresql://u:s3cret@h/db"}, environ={}).redacted())
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    # libpq multi-host URL (PostgreSQL failover): urllib cannot parse its port
+    ("postgresql://u:s3cret@h1:5432,h2:5433/db?target_session_attrs=read-write",
+     "postgresql://u:***@h1:5432,h2:5433/db?target_session_attrs=read-write"),
+    ("postgresql://u@h/db?password=s3cret&sslmode=require",
+     "postgresql://u@h/db?password=***&sslmode=require"),
+    ("amqp://a:s3cret@n1:5672/,amqp://b:s3cret@n2:5672/",
+     "amqp://a:***@n1:5672/,amqp://b:***@n2:5672/"),
+    ("amqps://u:p%40ss@[::1]:5671/v", "amqps://u:***@[::1]:5671/v"),
+    ("postgresql:///db?host=/run/postgresql", "postgresql:///db?host=/run/postgresql"),
+])
+def test_redact_any_url_shape(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_multi_host_database_url_loads_and_redacts() -> None:
+    url = "postgresql://u:s3cret@127.0.0.1:5432,127.0.0.1:5433/db?target_session_attrs=read-write"
+    s = Settings.load({"database_url": url}, environ={})
+    assert s.redacted()["database_url"] == url.replace("s3cret", "***")
+
+
 @pytest.mark.parametrize("env", [
     {"OUTBOX_BATCH_SIZE": "-3"},
     {"OUTBOX_LOG_LEVEL": "loud"},
