@@ -9,8 +9,11 @@ The shared broker on 5672 must never be stopped; a test that needs a broker to d
     node.stop()                              # SIGTERM, graceful (a clean shutdown)
 
 Every node has its own name, free AMQP and distribution ports, data and log directories under
-``tmpdir`` (made accessible to the ``rabbitmq`` user when the test runs as root), and an empty
-plugin list so it boots fast. Only the process group this class started is ever signalled.
+``tmpdir``, and an empty plugin list so it boots fast. As root (the launcher then runs the node as
+the ``rabbitmq`` user) the directories are under a fresh directory of /tmp instead, removed by
+`close`: pytest makes its own base directory private (0700) again whenever another pytest session
+starts, which would lock a node out of its data mid-run. Only the process group this class started
+is ever signalled.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -57,7 +61,13 @@ class RabbitNode:
     def __init__(self, tmpdir: str | os.PathLike[str], *, name: str | None = None,
                  port: int | None = None, dist_port: int | None = None,
                  start_timeout: float = 60.0, extra_config: str = "") -> None:
-        self.base = Path(tmpdir) / (name or f"rabbit-{uuid.uuid4().hex[:8]}")
+        name = name or f"rabbit-{uuid.uuid4().hex[:8]}"
+        self._own_dir: Path | None = None
+        if os.geteuid() == 0:
+            self._own_dir = Path(tempfile.mkdtemp(prefix=f"outbox-{name}-"))
+            self._own_dir.chmod(0o755)
+            tmpdir = self._own_dir
+        self.base = Path(tmpdir) / name
         self.nodename = f"{self.base.name}@localhost"
         self.port = port or free_port()
         self.dist_port = dist_port or free_port()
@@ -116,8 +126,10 @@ class RabbitNode:
         return self.start()
 
     def close(self) -> None:
-        """Kill the node if it runs (call it in a fixture's teardown)."""
+        """Kill the node if it runs and remove the directory it made (a fixture's teardown)."""
         self.kill()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def __enter__(self) -> RabbitNode:
         return self.start()
@@ -143,13 +155,6 @@ class RabbitNode:
             user = pwd.getpwnam("rabbitmq")
             for path in [self.base, *self.base.rglob("*")]:
                 os.chown(path, user.pw_uid, user.pw_gid)
-            # the rabbitmq user must be able to reach the directory (pytest's are 0700)
-            for parent in self.base.parents:
-                if str(parent) in ("/", "/tmp"):
-                    break
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    parent.chmod(mode | 0o011)
         self._prepared = True
 
     def _env(self) -> dict[str, str]:
