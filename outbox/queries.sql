@@ -136,6 +136,10 @@ UPDATE {schema}.outbox o
 UPDATE {schema}.outbox_wakeup SET wanted = %(wanted)s, changed_at = now()
  WHERE wanted IS DISTINCT FROM %(wanted)s;
 
+-- newest_id --
+-- The wake-up probe of an active relay (outbox/wakeup.py): one step down the primary key.
+SELECT coalesce(max(id), 0) FROM {schema}.outbox;
+
 -- status --
 -- The backlog at a glance (`outbox status`, the gauges of /metrics).
 SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,

@@ -18,96 +18,23 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from outbox import metrics
 from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
+from outbox.ports import Publisher, Store, StoreSession
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
-from outbox.wakeup import WakeupFlag
+from outbox.wakeup import Wakeups
 
 log = logging.getLogger("outbox.relay")
 
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 15.0
 REFUSED_RETRY = 30.0  # a permanent refusal (bad password…) is retried slowly, never hammered
-
-
-@dataclass(slots=True)
-class Stats:
-    """The backlog, as `outbox status` shows it."""
-
-    pending: int = 0
-    ready: int = 0
-    retrying: int = 0
-    dead: int = 0
-    blocked_keys: int = 0
-    sent: int = 0
-    oldest_pending_age_seconds: float = 0.0
-
-
-class StoreSession(Protocol):
-    """One database connection of a lane. Contract: see tests/contract/test_store.py."""
-
-    async def claim(self, limit: int) -> list[Row]:
-        """Begin a transaction and lock up to ``limit`` ready rows, in id order."""
-        ...
-
-    async def settle(self, settlement: Settlement) -> None:
-        """Apply the batch's writes and commit (which releases the rows' locks)."""
-        ...
-
-    async def release(self) -> None:
-        """Roll back: every claimed row goes back to pending untouched."""
-        ...
-
-    async def want_wakeups(self, wanted: bool) -> bool:
-        """Raise or lower the flag that makes inserts send a NOTIFY (outbox.wakeup); True when
-        it changed. Raises WakeupFlagUnavailable when it cannot be written."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class Store(Protocol):
-    """The database side of the relay."""
-
-    async def session(self) -> StoreSession:
-        """Open a connection for one lane (raises StoreUnavailable, PermanentRefusal)."""
-        ...
-
-    async def listen(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` once listening (rows may have come before), then on every NOTIFY of
-        the outbox, until the connection fails (raises)."""
-        ...
-
-    async def stats(self) -> Stats: ...
-
-
-class Publisher(Protocol):
-    """The broker side of the relay. Contract: see tests/contract/test_publisher.py.
-
-    `publish` must be safe to call from several lanes at once (each lane passes its number).
-    """
-
-    @property
-    def ready(self) -> bool:
-        """Connected and not blocked by the broker."""
-
-    async def wait_ready(self, timeout: float) -> bool:
-        """Wait until `ready`, at most ``timeout`` seconds."""
-        ...
-
-    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
-        """Publish the rows in order, await their confirms; one `Result` per row.
-
-        Never raises for a per-row problem or a lost connection: those are results (a lost
-        connection makes the unconfirmed rows UNSETTLED).
-        """
-        ...
+SAFETY_POLLS = 2  # poll intervals between safety polls while wake-ups cover the sleeping lanes
 
 
 @dataclass(slots=True)
@@ -179,8 +106,8 @@ class Relay:
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
-        self._flag = WakeupFlag(store, self._wake, lambda: bool(self._sleeping),
-                                settings.poll_interval)
+        self._flag = Wakeups(store, self._wake, lambda: bool(self._sleeping),
+                             settings.poll_interval)
 
     @property
     def ready(self) -> bool:
@@ -198,7 +125,8 @@ class Relay:
         ...
         lanes = [asyncio.Event() for _ in range(self.settings.concurrency)]
         self._wakeups = lanes
-        helpers = [asyncio.create_task(self._listen(), name="outbox-listen")]
+        helpers = [asyncio.create_task(self._listen(), name="outbox-listen"),
+                   asyncio.create_task(self._safety_poll(), name="outbox-safety-poll")]
         if not self.drain:
             helpers.append(asyncio.create_task(self._refresh_stats(), name="outbox-stats"))
         flag = asyncio.create_task(self._flag.run(), name="outbox-wakeup-flag")
@@ -238,9 +166,9 @@ class Relay:
                         # (a drain waits too while a batch is in flight: it may free the next
                         # rows of its keys)
                         if not self._unclaimed:
-                            await self._sleep(wake, self.settings.poll_interval)
+                            await self._sleep(wake)
                         continue
-                    self._flag.busy()
+                    self._flag.busy(rows[-1].id)
                     full = len(rows) == self.settings.batch_size
                     if full:
                         self._wake()  # more may be waiting: a sleeping lane joins in
@@ -254,7 +182,7 @@ class Relay:
                         self._wake()  # the next rows of these keys are claimable now
                     failures = 0
                     if not (full or keyed) and self._may_rest():
-                        await self._sleep(wake, self.settings.poll_interval)
+                        await self._sleep(wake)
                 except StoreUnavailable as exc:
                     failures += 1
                     await self._drop(session)
@@ -295,6 +223,8 @@ class Relay:
                     if res.outcome is Outcome.CONFIRMED]}})
         settlement = decide(rows, results, self.settings, self._rng)
         await session.settle(settlement)
+        if settlement.retry_delays:  # wake a lane when the first of them is due
+            asyncio.get_running_loop().call_later(min(settlement.retry_delays), self._wake)
         self._account(rows, results, settlement, confirmed_at)
 
     def _account(self, rows: list[Row], results: list[Result], s: Settlement,
@@ -360,7 +290,10 @@ class Relay:
     def _refresh_ready(self) -> None:
         metrics.READY.set(1 if self.ready else 0)
 
-    async def _sleep(self, wake: asyncio.Event, timeout: float) -> None:
+    async def _sleep(self, wake: asyncio.Event) -> None:
+        """Sleep until woken; at most `poll_interval` unless a wake-up will come when rows do
+        (then the safety poll is the only timer)."""
+        timeout = None if self._covered() else self.settings.poll_interval
         self._sleeping.append(wake)
         self._flag.asleep()
         try:
@@ -368,18 +301,26 @@ class Relay:
                 await asyncio.wait_for(wake.wait(), timeout)
         finally:
             self._sleeping.remove(wake)
-        self._flag.awake(polled=not wake.is_set())
+
+    def _covered(self) -> bool:
+        """New rows wake a sleeping lane: by a NOTIFY (LISTEN in place and the flag raised, as far
+        as this relay knows) or by the probe of an active relay (outbox.wakeup)."""
+        return (self._listening and self._flag.notifying) or self._flag.probing
 
     def _may_rest(self) -> bool:
         """After a batch that was neither full nor keyed (either says that rows wait), sleep
-        rather than claim again when nothing else says so: no wake-up came since the last claim
-        began, and inserts send one (LISTEN in place). While this relay keeps the flag lowered
-        its lanes claim on (a lane asleep would have the flag raised again: a write, and a claim
-        more). At a steady load below saturation, the claim made after every batch found
-        nothing in one case out of four (measured at 1,000 msg/s). A drain always claims again:
-        an empty claim is how it ends."""
-        return (not self.drain and not self._unclaimed and self._listening
-                and self._flag.notifying)
+        rather than claim again when nothing says that rows came: no wake-up since the last claim
+        began, and one will come when they do. A drain always claims again: an empty claim is how
+        it ends."""
+        return not self.drain and not self._unclaimed and self._covered()
+
+    async def _safety_poll(self) -> None:
+        """While wake-ups cover the sleeping lanes, wake one every two poll intervals anyway: for
+        delayed rows whose time came, and the few commits no wake-up reports (outbox.wakeup)."""
+        while True:
+            await asyncio.sleep(SAFETY_POLLS * self.settings.poll_interval)
+            if self._covered() and self._sleeping:
+                self._wake()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -398,6 +339,7 @@ class Relay:
                 failures += 1
             finally:
                 self._listening = False
+                self._wake_all()  # lanes asleep without a timer poll again until it is back
             await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
 
     def _heard(self) -> None:

@@ -118,7 +118,7 @@ class Settings:
                        env="OUTBOX_HTTP_PORT", minimum=0, maximum=65535),
     )
     stats_interval: float = field(
-        default=10.0,
+        default=30.0,
         metadata=_meta("seconds between refreshes of the backlog gauges (pending, dead, lag)",
                        env="OUTBOX_STATS_INTERVAL", minimum=0.5, maximum=3600),
     )

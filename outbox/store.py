@@ -22,7 +22,7 @@ from outbox.exceptions import (
     StoreUnavailable,
     WakeupFlagUnavailable,
 )
-from outbox.relay import Stats
+from outbox.ports import Stats
 from outbox.rows import Row, Settlement
 from outbox.settings import Settings, redact
 from outbox.sql import Queries, for_schema
@@ -34,6 +34,7 @@ _PERMANENT = re.compile(
     r"|no pg_hba\.conf entry|certificate verify failed|permission denied for database",
     re.I,
 )
+LISTEN_PING = 30.0  # seconds of silence before the listener pings (TCP keepalives watch too)
 JSON = "application/json"
 OCTETS = "application/octet-stream"
 
@@ -117,6 +118,9 @@ async def connect(
                 settings.database_url, autocommit=autocommit,
                 connect_timeout=max(1, int(settings.db_timeout)),
                 application_name=f"outbox-{purpose}", options=options,
+                # a peer gone silent is found by the kernel, with no query: the listener then
+                # learns of it in seconds and pings (a transaction) only every LISTEN_PING
+                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             )
 
 
@@ -195,6 +199,14 @@ class PgSession:
                         "a NOTIFY while it is busy") from exc
         return cur.rowcount == 1
 
+    async def newest_id(self) -> int:
+        with translate_errors("probing for new rows"):
+            async with deadline(self.conn, self.settings.db_timeout):
+                cur = await self.conn.execute(self.q["newest_id"], prepare=True)
+                rec = await cur.fetchone()
+        assert rec is not None
+        return int(rec[0])
+
     async def close(self) -> None:
         await self.conn.close()
 
@@ -212,7 +224,8 @@ class PgStore:
 
     async def listen(self, wake: Callable[[], None]) -> None:
         """LISTEN on the outbox channel and call ``wake`` per notification, until the
-        connection fails (raises StoreUnavailable). A ping every few seconds finds a dead peer."""
+        connection fails (raises StoreUnavailable). TCP keepalives, and a ping after
+        `LISTEN_PING` seconds of silence, find a dead peer."""
         conn = await connect(self.settings, autocommit=True, purpose="listen")
         try:
             with translate_errors("listening for notifications"):
@@ -220,7 +233,7 @@ class PgStore:
                     await conn.execute(self.q["listen"])
                 wake()  # rows may have arrived while we were not listening
                 while True:
-                    async for _ in conn.notifies(timeout=5.0):
+                    async for _ in conn.notifies(timeout=LISTEN_PING):
                         wake()
                     async with deadline(conn, self.settings.db_timeout):
                         await conn.execute(self.q["ping"])

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from outbox.exceptions import StoreUnavailable
-from outbox.relay import Stats
+from outbox.ports import Stats
 from outbox.rows import Outcome, Result, Row, Settlement
 
 
@@ -185,6 +185,10 @@ class InMemorySession:
         self.store.wakeups_wanted = wanted
         self.store.wakeup_changes.append(wanted)
         return True
+
+    async def newest_id(self) -> int:
+        self.store.check()
+        return max(self.store.rows, default=0)
 
     async def close(self) -> None:
         await self.release()

@@ -1,18 +1,27 @@
-"""The wake-up flag: whether inserts into the outbox send a NOTIFY (alembic/versions/0002).
+"""How a sleeping lane learns of new rows without costing the application's commits.
 
-A notifying commit costs the application more than it seems: PostgreSQL holds one cluster-wide
-lock from a notifying commit until its WAL flush, so the inserting transactions commit one at a
-time. A relay whose lanes are all busy needs no NOTIFY (each lane claims again as soon as its
-batch is settled), so one task of the relay lowers the flag once no lane has slept for
-`LOWER_AFTER`, and raises it as soon as a lane goes to sleep. When raising it changed it, rows
-committed meanwhile sent no NOTIFY, so the task wakes a lane to claim once more.
+Two ways, one at a time (alembic/versions/0002 has the flag the insert trigger reads):
 
-What is left uncovered: a producer whose insert read the flag lowered and which commits after
-that last claim. The next claim of any lane of any relay finds the row (the next insert's NOTIFY
-brings one); when nothing else comes, the poll (``poll_interval``) does.
+* **Idle: NOTIFY.** With the flag raised, an insert's trigger sends a NOTIFY and the relay's
+  listener wakes a lane at once. But a notifying commit takes a cluster-wide lock held until its
+  WAL flush, so while rows keep coming the application's inserting transactions would commit one
+  at a time.
+* **Active: a probe.** As soon as a lane claims rows, the relay lowers the flag (inserts then skip
+  the NOTIFY) and, while a lane sleeps, reads the newest id of the outbox on its own connection:
+  every millisecond after a probe found rows, backing off to `PROBE_MAX` while it finds none. A
+  newer id wakes a lane. After `IDLE_AFTER` without a claimed row the relay raises the flag
+  again, probes a little longer (`GRACE`: an insert that read the flag lowered may still be
+  committing), and goes back to waiting for a NOTIFY; raising it also wakes a lane to claim once
+  more, for the rows committed in between.
 
-The task writes on its own connection, never on a lane's path. It imports no driver: it talks to
-the `Store` of `outbox.relay`.
+What neither covers: a row committed with an id lower than one the probe already saw (two
+producers committing out of order), and an insert that read the flag lowered but commits after
+the grace. The next wake-up of any kind finds such a row; when nothing else comes, the relay's
+safety poll (`Relay`) does.
+
+The flag is shared by every relay on the table: a relay that lowered it and died leaves it
+lowered, so each relay writes its own wish again every `RECHECK` polls even when it believes
+nothing changed. The component writes on its own connection, never on a lane's path.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from outbox.exceptions import (
     PermanentRefusal,
@@ -31,32 +39,37 @@ from outbox.exceptions import (
     StoreUnavailable,
     WakeupFlagUnavailable,
 )
+from outbox.ports import Store, StoreSession
 from outbox.retry import backoff
-
-if TYPE_CHECKING:
-    from outbox.relay import Store, StoreSession
 
 log = logging.getLogger("outbox.wakeup")
 
-LOWER_AFTER = 0.1  # seconds during which every lane stayed busy before the flag is lowered
+IDLE_AFTER = 1.0  # seconds without a claimed row before inserts are asked to NOTIFY again
+GRACE = 0.2  # seconds the probe goes on after the flag was raised
+PROBE_FIRST = 0.001  # seconds between probes right after one found rows
+PROBE_MAX = 0.016  # ... doubling up to this while they find none
+RECHECK = 10  # the flag is written again every this many poll intervals, changed or not
 
 
-class WakeupFlag:
-    """Keeps the flag raised while a lane of this relay sleeps, lowered while all are busy."""
+class Wakeups:
+    """Keeps the flag lowered and probes while this relay is active; raised while it is idle."""
 
     def __init__(self, store: Store, wake: Callable[[], None], sleeping: Callable[[], bool],
                  poll_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._wake = wake  # rouses one sleeping lane
         self._sleeping = sleeping  # is a lane asleep now?
-        self._poll_interval = poll_interval
+        self._recheck_every = RECHECK * poll_interval
         self._clock = clock
-        self._last_asleep = clock()  # when a lane's sleep last ended (as if at the start)
+        self._last_rows = -math.inf  # when a lane last claimed rows
         self._written: bool | None = None  # what this relay last wrote (None: nothing yet)
         self._written_at = -math.inf
-        self._recheck = False
+        self._raised_at = -math.inf  # when this relay last raised it
+        self._newest: int | None = None  # the newest id the probe saw
+        self._probe_wait = PROBE_FIRST
         self._closing = False
         self._poked = asyncio.Event()
+        self.probes = 0  # how many probes were made (for tests and the benchmark)
 
     @property
     def notifying(self) -> bool:
@@ -64,61 +77,66 @@ class WakeupFlag:
         unavailable counts as raised: the trigger of revision 0001 always notifies)."""
         return self._written is not False
 
+    @property
+    def probing(self) -> bool:
+        """The probe watches for new rows while a lane sleeps: this relay lowered the flag, or
+        raised it less than `GRACE` ago."""
+        return not self._closing and (
+            self._written is False or self._clock() - self._raised_at < GRACE)
+
     def asleep(self) -> None:
-        """A lane went to sleep."""
+        """A lane went to sleep: the probe may have to start."""
         self._poked.set()
 
-    def awake(self, *, polled: bool) -> None:
-        """A lane's sleep ended. ``polled``: at the poll interval, not by a wake-up; then the
-        flag is written even if this relay believes it raised (another relay may have lowered
-        it and died since)."""
-        self._last_asleep = self._clock()
-        self._recheck = self._recheck or polled
-        self._poked.set()
-
-    def busy(self) -> None:
-        """A lane claimed rows: every lane may be busy now."""
+    def busy(self, newest: int) -> None:
+        """A lane claimed rows, the newest with id ``newest``: the relay is active."""
+        self._last_rows = self._clock()
+        if self._newest is None or newest > self._newest:
+            self._newest = newest
+        self._probe_wait = PROBE_FIRST
         self._poked.set()
 
     def _wanted(self) -> tuple[bool, float | None]:
-        """The flag as it should be now, and in how long to look again (None: when poked)."""
-        if self._closing or self._sleeping():
+        """The flag as it should be now, and in how long that changes (None: when poked)."""
+        if self._closing:
             return True, None
-        busy_for = self._clock() - self._last_asleep
-        if busy_for >= LOWER_AFTER:
-            return False, None
-        return self._written is not False, LOWER_AFTER - busy_for
+        idle_for = self._clock() - self._last_rows
+        if idle_for >= IDLE_AFTER:
+            return True, None
+        return False, IDLE_AFTER - idle_for
 
     async def run(self) -> None:
-        """Write the flag whenever it should change, until `close`."""
+        """Write the flag whenever it should change and probe while active, until `close`."""
         session: StoreSession | None = None
         failures = 0
-        self._last_asleep = self._clock()
         try:
             while True:
-                wanted, look_again = self._wanted()
-                recheck = self._recheck and (
-                    self._clock() - self._written_at >= self._poll_interval)
-                self._recheck = False
-                if wanted is self._written and not recheck:
+                wanted, changes_in = self._wanted()
+                stale = self._clock() - self._written_at >= self._recheck_every
+                try:
+                    if wanted is not self._written or stale:
+                        if session is None:
+                            session = await self._store.session()
+                        await self._write(session, wanted)
+                        continue
                     if self._closing:
                         return
-                    self._poked.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._poked.wait(), look_again)
-                    continue
-                try:
-                    if session is None:
-                        session = await self._store.session()
-                    changed = await session.want_wakeups(wanted)
+                    if self.probing and self._sleeping():
+                        if session is None:
+                            session = await self._store.session()
+                        await self._probe(session)
+                        await asyncio.sleep(self._probe_wait if changes_in is None
+                                            else min(self._probe_wait, changes_in))
+                        continue
                 except WakeupFlagUnavailable as exc:
                     log.warning("%s; until then every insert sends a NOTIFY", exc)
                     return
                 except Exception as exc:
-                    # The lanes report the database's state; here it only delays the flag. An
-                    # error nobody foresaw must not end the task silently either.
+                    # The lanes report the database's state; here it only delays the flag or a
+                    # wake-up (the safety poll still finds the rows). An error nobody foresaw
+                    # must not end the task silently either.
                     if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                        log.exception("unexpected error while setting the wake-up flag")
+                        log.exception("unexpected error in the wake-up task; retrying")
                     if session is not None:
                         with contextlib.suppress(Exception):
                             await session.close()
@@ -126,16 +144,36 @@ class WakeupFlag:
                     failures += 1
                     if self._closing:
                         return
-                    await asyncio.sleep(backoff(failures, 0.2, self._poll_interval))
+                    await asyncio.sleep(backoff(failures, 0.2, 5.0))
                     continue
                 failures = 0
-                self._written, self._written_at = wanted, self._clock()
-                if changed and wanted:
-                    self._wake()  # rows committed while it was lowered sent no NOTIFY
+                self._poked.clear()
+                look_again = self._written_at + self._recheck_every - self._clock()
+                if changes_in is not None:
+                    look_again = min(look_again, changes_in)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poked.wait(), max(0.0, look_again))
         finally:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    async def _write(self, session: StoreSession, wanted: bool) -> None:
+        changed = await session.want_wakeups(wanted)
+        self._written, self._written_at = wanted, self._clock()
+        if changed and wanted:
+            self._raised_at = self._written_at
+            self._wake()  # rows committed while it was lowered sent no NOTIFY
+
+    async def _probe(self, session: StoreSession) -> None:
+        newest = await session.newest_id()
+        self.probes += 1
+        if self._newest is None or newest > self._newest:
+            self._wake()
+            self._probe_wait = PROBE_FIRST
+        else:
+            self._probe_wait = min(self._probe_wait * 2, PROBE_MAX)
+        self._newest = newest
 
     def close(self) -> None:
         """Raise the flag a last time (for the relays that stay) and end `run`."""

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox.ports import Publisher, Store
 from outbox.publisher import AmqpPublisher
-from outbox.relay import Publisher, Store
 from outbox.settings import Settings
 from outbox.store import PgStore
 from outbox.testing import InMemoryStore, StubPublisher

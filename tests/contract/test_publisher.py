@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from outbox.relay import Publisher
+from outbox.ports import Publisher
 from outbox.rows import Outcome, Row
 
 

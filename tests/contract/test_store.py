@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from outbox.relay import StoreSession
+from outbox.ports import StoreSession
 from outbox.rows import Settlement
 from tests.contract.conftest import StoreCase
 
@@ -127,5 +127,18 @@ async def test_want_wakeups_says_whether_it_changed_the_flag(store_case: StoreCa
         store_case.insert("rk")
         assert len(await session.claim(5)) == 1  # it never ends up inside a claim
         await session.release()
+    finally:
+        await session.close()
+
+
+async def test_newest_id_is_the_highest_id_the_session_can_see(store_case: StoreCase) -> None:
+    session = await store_case.store.session()
+    try:
+        assert await session.newest_id() == 0  # an empty outbox
+        ids = [store_case.insert("rk") for _ in range(3)]
+        assert await session.newest_id() == ids[-1]
+        await session.claim(10)  # claimed rows are still rows: the probe sees them
+        await session.release()
+        assert await session.newest_id() == ids[-1]
     finally:
         await session.close()

@@ -285,12 +285,14 @@ async def test_without_a_listener_a_lane_claims_again_after_each_batch(
         await wait_until(lambda: len(pub.published) == 2, 5)
 
 
-async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
+async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Busy lanes claim again after each batch, so no NOTIFY is needed then (each one costs the
-    producers); once a lane sleeps the flag is raised, and when that changed it a lane claims
-    once more: a row committed while it was lowered sent no wake-up (poll_interval is 30 s
-    here, so only that claim can find it in time). Stopping leaves it raised."""
+    """An active relay needs no NOTIFY (each one costs the producers' commits): it lowers the
+    flag at its first claimed row, and raises it after IDLE_AFTER without one; when raising it
+    changed it, a lane claims once more: a row committed while it was lowered sent no wake-up
+    (poll_interval is 30 s here, so only that claim or the probe can find it in time). Stopping
+    leaves it raised."""
+    monkeypatch.setattr(wakeup, "IDLE_AFTER", 0.3)
     store, pub = InMemoryStore(), GatedPublisher()
     raise_flag = InMemorySession.want_wakeups
     late: list[StoredRow] = []
@@ -306,26 +308,42 @@ async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
     async with running(relay):
         store.insert("rk", {"i": 0})
         await asyncio.wait_for(pub.waiting.wait(), 5)
-        await wait_until(lambda: not store.wakeups_wanted, 5)  # its only lane is busy
+        await wait_until(lambda: not store.wakeups_wanted, 5)  # active: lowered
         pub.gate.set()
-        await wait_until(lambda: len(pub.published) == 2, 5)
-        assert late and store.wakeup_changes == [False, True] and not store.rows
+        await wait_until(lambda: len(pub.published) == 2 and not store.rows, 5)
+        await wait_until(lambda: store.wakeups_wanted, 5)  # idle again: raised
+        assert late and store.wakeup_changes[:2] == [False, True]
+    assert store.wakeups_wanted
 
 
-async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
-    store, pub = InMemoryStore(), GatedPublisher()
-    pub.gate.set()
-    settings = Settings.load({"concurrency": 2, "poll_interval": 30}, environ={})
+async def test_an_active_relay_finds_rows_by_its_probe_without_a_notify(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the flag is lowered no insert wakes a lane: the probe of the newest id does, long
+    before the poll (30 s here), and it wakes one lane, not all."""
+    claims: list[int] = []
+    claim = InMemorySession.claim
+
+    async def counted(self: InMemorySession, limit: int) -> list[Row]:
+        got = await claim(self, limit)
+        claims.append(len(got))
+        return got
+
+    monkeypatch.setattr(InMemorySession, "claim", counted)
+    monkeypatch.setattr(wakeup, "IDLE_AFTER", 30.0)  # stays active for the whole test
+    store, pub = InMemoryStore(), StubPublisher()
+    settings = Settings.load({"concurrency": 3, "poll_interval": 30}, environ={})
     relay = Relay(settings, store, pub)
     async with running(relay):
-        for i in range(5):
-            store.insert("rk", {"i": i})
+        store.insert("rk", {"i": 0})
+        await wait_until(lambda: len(pub.published) == 1 and not store.wakeups_wanted, 5)
+        await wait_until(lambda: len(relay._sleeping) == 3, 5)
+        for i in range(1, 4):
+            claims.clear()
+            probes = relay._flag.probes
+            store.insert("rk", {"i": i})  # sends no wake-up: the flag is lowered
             await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
-        pub.gate.clear()  # one lane held in flight far longer than LOWER_AFTER
-        store.insert("rk", {"i": 5})
-        await asyncio.sleep(3 * wakeup.LOWER_AFTER)  # a wait for nothing to happen
-        assert store.wakeup_changes == []
-        pub.gate.set()
+            await wait_until(lambda: len(relay._sleeping) == 3, 5)
+            assert relay._flag.probes > probes and claims == [1]
 
 
 async def test_a_flag_another_relay_lowered_is_raised_at_the_next_poll() -> None:
