@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from bench import common, inbox, load, throughput
+from bench import common, inbox, load, throughput, wakeup
 from bench.common import AMQP_URL, median, progress
 from bench.postgres_node import PostgresNode
 from outbox.settings import Settings
@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "instead of a private cluster with the stock configuration started for the "
                    "run (bench/postgres_node.py)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "throughput,keyed,hot,latency,producers,inbox,backlog,soak")
+                   "throughput,keyed,hot,latency,producers,wakeup,inbox,backlog,soak")
     return p.parse_args(argv)
 
 
@@ -177,7 +177,6 @@ def run(args: argparse.Namespace) -> None:
         out["receive_latency_p99_ms"] = median(of("receive_p99_ms"))
         out["latency_offered_msgs_per_s"] = median(of("offered_rate"))
         out["latency_late_statements"] = median(of("late_statements"))
-        out["idle_cpu_percent"] = median(of("idle_cpu_percent"))
         out["latency_p50_rounds"] = spread(of("p50_ms"))
         out["latency_p99_rounds"] = spread(of("p99_ms"))
         out["latency_late_statements_rounds"] = spread(of("late_statements"))
@@ -188,15 +187,45 @@ def run(args: argparse.Namespace) -> None:
             f"{sum(of('offered')):.0f} {sum(of('confirmed')):.0f} {sum(of('received')):.0f}")
 
     if "producers" not in skip:
-        progress("phase: producers' commits per second while a relay runs, with the trigger as "
-                 "migrated (it notifies only while the relay waits), with a NOTIFY at every "
-                 "insert, and with no trigger")
-        nf = asyncio.run(load.notify_cost())
-        out["producer_commits_per_s_flag"] = nf.flag
-        out["producer_commits_per_s_always_notify"] = nf.always
-        out["producer_commits_per_s_no_trigger"] = nf.none
-        out["producer_flag_vs_no_trigger"] = nf.flag / nf.none
-        out["producer_always_notify_vs_no_trigger"] = nf.always / nf.none
+        progress("phase: producers' commits per second (8 connections, one row per transaction): "
+                 "the table as installed with a relay running, every trigger disabled with a "
+                 "relay running, a bare copy of the table with no relay")
+        pf = asyncio.run(wakeup.producer_commits())
+        out["producer_commits_per_s_installed"] = pf.installed
+        out["producer_commits_per_s_no_wakeup"] = pf.no_wakeup
+        out["producer_commits_per_s_bare"] = pf.bare
+        out["producer_commits_vs_no_wakeup"] = pf.installed / pf.no_wakeup
+
+    if "wakeup" not in skip:
+        progress(f"phase: latency at 5,000 msg/s offered for {args.latency_seconds:g} s "
+                 f"({max(1, args.rounds // 2)} rounds)")
+        p99s = []
+        for r in range(max(1, args.rounds // 2)):
+            lf = asyncio.run(load.latency_and_idle(5_000, args.latency_seconds, 0))
+            p99s.append(lf.p99_ms)
+            progress(f"  round {r + 1}: offered {lf.offered_rate:.0f} msg/s, commit-to-confirm "
+                     f"p50 {lf.p50_ms:.1f} ms, p99 {lf.p99_ms:.1f} ms")
+        out["latency_5k_p99_ms"] = median(p99s)
+        out["latency_5k_p99_rounds"] = spread(p99s)
+        progress("phase: a row after 10 s of quiet (3 rounds)")
+        out["first_after_idle_ms"] = asyncio.run(wakeup.first_after_idle(10.0))
+        progress("phase: an idle relay, then ten idle relays on one table (30 s each)")
+        one = asyncio.run(wakeup.idle_cost(1, 30.0))
+        out["idle_db_transactions_per_s"] = one.transactions_per_s
+        out["idle_cpu_percent"] = one.cpu_percent
+        ten = asyncio.run(wakeup.idle_cost(10, 30.0))
+        out["relays_10_idle_db_transactions_per_s"] = ten.transactions_per_s
+        out["relays_10_idle_cpu_percent"] = ten.cpu_percent
+        progress(f"phase: one relay, then ten, draining {args.rows} rows once connected "
+                 f"({args.rounds} rounds, in turn)")
+        rates: dict[int, list[float]] = {1: [], 10: []}
+        for r in range(args.rounds):
+            for n in (1, 10):
+                rates[n].append(asyncio.run(wakeup.busy_rate(n, args.rows)))
+                progress(f"  round {r + 1}: {n} relays {rates[n][-1]:.0f} msg/s")
+        out["relays_1_msgs_per_s"] = median(rates[1])
+        out["relays_10_msgs_per_s"] = median(rates[10])
+        out["relays_10_vs_1"] = median(rates[10]) / median(rates[1])
 
     if "inbox" not in skip:
         progress("phase: inbox consumer (bench/inbox.py)")

@@ -18,7 +18,6 @@ from bench.common import (
     RelayProcess,
     Schema,
     aconnect,
-    median,
     percentile,
 )
 
@@ -198,79 +197,6 @@ async def latency_and_idle(rate: float, seconds: float, idle_seconds: float,
         receive_p50_ms=percentile(receive, 0.50), receive_p99_ms=percentile(receive, 0.99),
         offered=offered, offered_rate=offered_rate, confirmed=len(confirm),
         received=len(receive), late_statements=producers.late, idle_cpu_percent=idle)
-
-
-async def producer_commit_rate(schema: Schema, routing_key: str, seconds: float,
-                               workers: int) -> float:
-    """Commits per second of ``workers`` connections inserting one row per transaction as fast
-    as they can (autocommit, synchronous_commit on: what an application does)."""
-    insert = sql.SQL(
-        "INSERT INTO {} (routing_key, payload) "
-        "VALUES (%s, jsonb_build_object('n', 1, 'pad', repeat('x', {})))").format(
-            schema.table(), sql.Literal(PAD))
-    commits = 0
-
-    async def worker(stop: float) -> None:
-        nonlocal commits
-        async with await aconnect() as conn:
-            while time.perf_counter() < stop:
-                await conn.execute(insert, (routing_key,), prepare=True)
-                commits += 1
-
-    stop = time.perf_counter() + seconds
-    await asyncio.gather(*(worker(stop) for _ in range(workers)))
-    return commits / seconds
-
-
-@dataclass
-class NotifyFigures:
-    """Producers' commits per second with the outbox trigger as migrated (it notifies only while
-    a relay waits for it), with the trigger of revision 0001 (a NOTIFY at every insert), and
-    with no trigger: medians of ``rounds`` rounds, taken in turn."""
-
-    flag: float
-    always: float
-    none: float
-
-
-async def notify_cost(seconds: float = 4.0, workers: int = 8, rounds: int = 3) -> NotifyFigures:
-    """`producer_commit_rate` while a relay publishes what they insert, under the three
-    triggers of `NotifyFigures`: what the NOTIFY costs the application's own transactions."""
-    always = sql.SQL("""
-CREATE OR REPLACE FUNCTION {}.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', '');
-    RETURN NULL;
-END
-$$""")
-    rates: dict[str, list[float]] = {"flag": [], "always": [], "none": []}
-    async with Queue() as queue:
-        with Schema() as schema:
-            async with await aconnect() as conn:
-                cur = await conn.execute(
-                    "SELECT pg_get_functiondef(%s::regprocedure)",
-                    (f"{sql.Identifier(schema.name).as_string(conn)}.outbox_notify()",))
-                rec = await cur.fetchone()
-                assert rec is not None
-                migrated = rec[0]
-                variants: dict[str, sql.Composable] = {
-                    "flag": sql.SQL(migrated),
-                    "always": always.format(sql.Identifier(schema.name)),
-                    "none": sql.SQL("ALTER TABLE {} DISABLE TRIGGER outbox_notify").format(
-                        schema.table()),
-                }
-                relay = RelayProcess(schema)
-                try:
-                    for _ in range(rounds):
-                        for name, statement in variants.items():
-                            await conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER "
-                                                       "outbox_notify").format(schema.table()))
-                            await conn.execute(statement)
-                            rates[name].append(await producer_commit_rate(
-                                schema, queue.name, seconds, workers))
-                finally:
-                    relay.stop()
-    return NotifyFigures(**{name: median(r) for name, r in rates.items()})
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import psycopg
 import pytest
 
-from bench import load, throughput
+from bench import load, throughput, wakeup
 from bench.postgres_node import PostgresNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,9 +41,16 @@ async def test_latency_phase_sees_every_offered_message() -> None:
     assert not math.isnan(figures.receive_p99_ms)
 
 
-async def test_notify_cost_phase_measures_the_three_triggers() -> None:
-    figures = await load.notify_cost(seconds=0.3, workers=2, rounds=1)
-    assert figures.flag > 0 and figures.always > 0 and figures.none > 0
+async def test_producer_phase_measures_installed_no_wakeup_and_bare() -> None:
+    figures = await wakeup.producer_commits(seconds=0.3, workers=2, rounds=1)
+    assert figures.installed > 0 and figures.no_wakeup > 0 and figures.bare > 0
+
+
+async def test_wakeup_phases_measure_idle_relays_and_busy_ones() -> None:
+    idle = await wakeup.idle_cost(2, seconds=1.0, settle=0.2)
+    assert idle.transactions_per_s >= 0 and idle.cpu_percent >= 0
+    assert await wakeup.busy_rate(2, 500) > 0
+    assert not math.isnan(await wakeup.first_after_idle(0.2, rounds=1))
 
 
 def test_private_postgres_runs_the_stock_configuration_and_is_removed() -> None:
