@@ -320,8 +320,9 @@ class Doctor:
                      "connection")
         else:
             self.add(Level.FAIL, "notify", f"a NOTIFY on {channel!r} did not arrive within "
-                     f"{self.notify_wait:g}s: the relay would only poll "
-                     f"(every {s.poll_interval:g}s). A transaction-mode pooler (PgBouncer "
+                     f"{self.notify_wait:g}s: an idle relay would find rows only by its "
+                     f"safety poll (every {2 * s.poll_interval:g}s). A transaction-mode pooler "
+                     "(PgBouncer "
                      "pool_mode=transaction) drops LISTEN",
                      "connect the relay to PostgreSQL directly or through a session-mode pool")
 

@@ -70,7 +70,8 @@ class Settings:
     )
     poll_interval: float = field(
         default=1.0,
-        metadata=_meta("seconds between polls when no NOTIFY arrives", env="OUTBOX_POLL_INTERVAL",
+        metadata=_meta("seconds between polls without LISTEN (with it, a safety poll every two)",
+                       env="OUTBOX_POLL_INTERVAL",
                        minimum=0.01, maximum=60),
     )
     max_attempts: int = field(
