@@ -40,29 +40,36 @@ _Check = tuple[str, Callable[[Any], bool], str]
 
 _CONNECTION: dict[str, _Check] = {
     "_reader_task": ("a task", _is_task, "to see that the frame reader died"),
-    "_Connection__connection_unblocked": ("an asyncio.Event",
-     lambda v: isinstance(v, asyncio.Event), "to see that the broker blocks publishers"),
-    "write_queue": ("an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
-     "to write a batch's frames at once"),
+    "_Connection__connection_unblocked": (
+        "an asyncio.Event", lambda v: isinstance(v, asyncio.Event),
+        "to see that the broker blocks publishers"),
+    "write_queue": (
+        "an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
+        "to write a batch's frames at once"),
 }
 _CHANNEL: dict[str, _Check] = {
-    "confirmations": ("a dict", lambda v: isinstance(v, dict),
-     "to register each message's confirm under its delivery tag"),
-    "message_id_delivery_tag": ("a dict", lambda v: isinstance(v, dict),
-     "to match a returned message to its confirm (else a returned row could be marked sent)"),
-    "delivery_tag": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool),
-     "to number the messages of a batch"),
+    "confirmations": (
+        "a dict", lambda v: isinstance(v, dict),
+        "to register each message's confirm under its delivery tag"),
+    "message_id_delivery_tag": (
+        "a dict", lambda v: isinstance(v, dict),
+        "to match a returned message to its confirm (else a returned row could be marked sent)"),
+    "delivery_tag": (
+        "an int", lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "to number the messages of a batch"),
     "lock": ("an async context manager", _is_async_cm, "to write a batch as basic_publish does"),
-    "write_queue": ("an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
-     "to write a batch's frames at once"),
-    "max_content_size": ("a positive int", lambda v: isinstance(v, int) and v > 0,
-     "to split a body into frames"),
+    "write_queue": (
+        "an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
+        "to write a batch's frames at once"),
+    "max_content_size": (
+        "a positive int", lambda v: isinstance(v, int) and v > 0, "to split a body into frames"),
     "number": ("an int", lambda v: isinstance(v, int), "to address the frames"),
     "_closing": ("a future", asyncio.isfuture, "to learn why the channel closed"),
     "closing": ("a future", asyncio.isfuture, "to stop waiting when the channel closes"),
     "publisher_confirms": ("True", lambda v: v is True, "to await publisher confirms"),
-    "on_return_raises": ("True", lambda v: v is True,
-     "to fail a returned message's confirm (else a returned row could be marked sent)"),
+    "on_return_raises": (
+        "True", lambda v: v is True,
+        "to fail a returned message's confirm (else a returned row could be marked sent)"),
 }
 
 
