@@ -202,13 +202,28 @@ def _close_reason(channel: Any) -> BaseException:
 _FRAME_HEAD = struct.Struct(">BHI")
 _HEADER_HEAD = struct.Struct(">HHQH")
 _FRAME_END = b"\xce"
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "shortstr": amqp_encode.short_string, "table": amqp_encode.field_table,
-    "octet": amqp_encode.octet, "timestamp": amqp_encode.timestamp,
-}
-_PROPERTIES = [(name, spec.Basic.Properties.flags[name],
-                _ENCODERS[getattr(spec.Basic.Properties, f"_{name}")])
-               for name in spec.Basic.Properties.__slots__]
+
+
+def property_encoders() -> list[tuple[str, int, Callable[[Any], bytes]]]:
+    """Each basic property's name, flag bit and pamqp encoder, from pamqp's own tables (read at
+    import): a pamqp that changed them stops outbox with UnsupportedClient, not a traceback."""
+    try:
+        encoders: dict[str, Callable[[Any], bytes]] = {
+            "shortstr": amqp_encode.short_string, "table": amqp_encode.field_table,
+            "octet": amqp_encode.octet, "timestamp": amqp_encode.timestamp,
+        }
+        props = spec.Basic.Properties
+        return [(name, props.flags[name], encoders[getattr(props, f"_{name}")])
+                for name in props.__slots__]
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UnsupportedClient(
+            f"{client_version()} is not supported: pamqp's basic properties table changed "
+            f"({exc!r}, read to marshal content headers); install the verified {VERIFIED} "
+            "(pip install 'aiormq==7.2.4' 'pamqp==4.0.1'), or adapt outbox/frames.py to this "
+            "version and run tests/unit/test_publish_frames.py") from exc
+
+
+_PROPERTIES = property_encoders()
 _publish_frames: dict[tuple[int, str, str], bytes] = {}
 
 

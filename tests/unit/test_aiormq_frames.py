@@ -482,3 +482,15 @@ async def test_the_publisher_fails_for_good_when_a_channel_lacks_a_part(
             await publisher.guard(relay)
     _assert_loud(exc, "Channel.message_id_delivery_tag")
     assert publisher.fatal is exc.value
+
+
+@pytest.mark.parametrize("change", ["a new type", "a renamed type attribute"])
+def test_a_pamqp_whose_property_table_changed_fails_loudly(
+        change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if change == "a new type":
+        monkeypatch.setattr(spec.Basic.Properties, "_timestamp", "timestamp64")
+    else:
+        monkeypatch.delattr(spec.Basic.Properties, "_content_type")
+    with pytest.raises(UnsupportedClient) as exc:
+        frames.property_encoders()
+    _assert_loud(exc, "pamqp's basic properties table changed")
