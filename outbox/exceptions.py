@@ -43,3 +43,12 @@ class WakeupFlagUnavailable(OutboxError):
 
     The relay then leaves it raised: every insert sends a NOTIFY, as before the flag existed.
     """
+
+
+class UnsupportedClient(OutboxError):
+    """The installed aiormq lacks a private part that outbox reads: the relay cannot run safely.
+
+    Raised at start-up (on the first connection and the first channel), never read as False: a
+    moved attribute could otherwise hide a dead connection, a blocked broker, or let a returned
+    message be marked sent.
+    """

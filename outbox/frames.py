@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 import aiormq
@@ -19,16 +20,122 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp import encode as amqp_encode
 
+from outbox.exceptions import UnsupportedClient
+
+VERIFIED = "aiormq 7.2.4 with pamqp 4.0.1"
+"""The versions whose internals this module was checked against (pinned in pyproject.toml)."""
+
+
+def _is_task(value: Any) -> bool:
+    # aiormq wraps its tasks (aiormq.abc.TaskWrapper, not an asyncio.Task): only `done` matters
+    return callable(getattr(value, "done", None))
+
+
+def _is_async_cm(value: Any) -> bool:
+    return hasattr(value, "__aenter__") and hasattr(value, "__aexit__")
+
+
+_Check = tuple[str, Callable[[Any], bool], str]
+"""what the attribute must be, the test of it, why outbox reads it"""
+
+_CONNECTION: dict[str, _Check] = {
+    "_reader_task": ("a task", _is_task, "to see that the frame reader died"),
+    "_Connection__connection_unblocked": (
+        "an asyncio.Event", lambda v: isinstance(v, asyncio.Event),
+        "to see that the broker blocks publishers"),
+    "write_queue": (
+        "an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
+        "to write a batch's frames at once"),
+}
+_CHANNEL: dict[str, _Check] = {
+    "confirmations": (
+        "a dict", lambda v: isinstance(v, dict),
+        "to register each message's confirm under its delivery tag"),
+    "message_id_delivery_tag": (
+        "a dict", lambda v: isinstance(v, dict),
+        "to match a returned message to its confirm (else a returned row could be marked sent)"),
+    "delivery_tag": (
+        "an int", lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "to number the messages of a batch"),
+    "lock": ("an async context manager", _is_async_cm, "to write a batch as basic_publish does"),
+    "write_queue": (
+        "an asyncio.Queue", lambda v: isinstance(v, asyncio.Queue),
+        "to write a batch's frames at once"),
+    "max_content_size": (
+        "a positive int", lambda v: isinstance(v, int) and v > 0, "to split a body into frames"),
+    "number": ("an int", lambda v: isinstance(v, int), "to address the frames"),
+    "_closing": ("a future", asyncio.isfuture, "to learn why the channel closed"),
+    "closing": ("a future", asyncio.isfuture, "to stop waiting when the channel closes"),
+    "publisher_confirms": ("True", lambda v: v is True, "to await publisher confirms"),
+    "on_return_raises": (
+        "True", lambda v: v is True,
+        "to fail a returned message's confirm (else a returned row could be marked sent)"),
+}
+
+
+def client_version() -> str:
+    try:
+        return f"aiormq {metadata.version('aiormq')} with pamqp {metadata.version('pamqp')}"
+    except metadata.PackageNotFoundError:
+        return "an unknown aiormq"
+
+
+def _unsupported(owner: str, name: str, kind: str, why: str) -> UnsupportedClient:
+    return UnsupportedClient(
+        f"{client_version()} is not supported: {owner}.{name} is missing or not {kind} "
+        f"(outbox reads it {why}); install the verified {VERIFIED} "
+        "(pip install 'aiormq==7.2.4' 'pamqp==4.0.1'), or adapt outbox/frames.py to this "
+        "version and run tests/unit/test_aiormq_frames.py")
+
+
+def _private(obj: Any, owner: str, checks: dict[str, _Check], name: str) -> Any:
+    """``obj.name``, one of aiormq's private parts; raises UnsupportedClient when it is gone."""
+    kind, ok, why = checks[name]
+    value = getattr(obj, name, _MISSING)
+    if value is _MISSING or not ok(value):
+        raise _unsupported(owner, name, kind, why)
+    return value
+
+
+_MISSING = object()
+
+
+def check_internals(conn: Any, channel: Any = None) -> None:
+    """Fail loudly (UnsupportedClient) unless every private part of aiormq that outbox reads is
+    there on this open connection (and on this confirm-mode channel): a release that moved one
+    must stop the relay at start-up, not make `blocked`/`reader_died` read False or a returned
+    message look confirmed."""
+    if not isinstance(conn, aiormq.Connection):
+        raise UnsupportedClient(f"{client_version()}: aiormq.connect returned "
+                                f"{type(conn).__name__}, not an aiormq.Connection")
+    for name in _CONNECTION:
+        _private(conn, "Connection", _CONNECTION, name)
+    try:
+        ChannelFrame(payload=b"", should_close=False)
+    except TypeError as exc:
+        raise _unsupported("aiormq.abc", "ChannelFrame", "ChannelFrame(payload, should_close)",
+                           "to queue a batch's frames") from exc
+    if channel is None:
+        return
+    if not isinstance(channel, aiormq.Channel):
+        raise UnsupportedClient(f"{client_version()}: the channel is "
+                                f"{type(channel).__name__}, not an aiormq.Channel")
+    for name in _CHANNEL:
+        value = _private(channel, "Channel", _CHANNEL, name)
+        if name == "closing" and value is not channel._closing:
+            value.cancel()  # a new observer at each read: cancelling it only stops the observer
+
 
 def reader_died(conn: aiormq.abc.AbstractConnection) -> bool:
     """True when aiormq's frame reader has ended: the connection is dead, whatever it says."""
-    reader = getattr(conn, "_reader_task", None)
-    return isinstance(reader, asyncio.Task) and reader.done()
+    reader = _private(conn, "Connection", _CONNECTION, "_reader_task")
+    return bool(reader.done())
+
 
 def blocked(conn: aiormq.abc.AbstractConnection) -> bool:
     """True while the broker blocks publishers (``connection.blocked``: memory/disk alarm)."""
-    unblocked = getattr(conn, "_Connection__connection_unblocked", None)
-    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+    unblocked = _private(conn, "Connection", _CONNECTION, "_Connection__connection_unblocked")
+    return not unblocked.is_set()
 
 
 Message = tuple[bytes, str, str, spec.Basic.Properties]
@@ -95,13 +202,28 @@ def _close_reason(channel: Any) -> BaseException:
 _FRAME_HEAD = struct.Struct(">BHI")
 _HEADER_HEAD = struct.Struct(">HHQH")
 _FRAME_END = b"\xce"
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "shortstr": amqp_encode.short_string, "table": amqp_encode.field_table,
-    "octet": amqp_encode.octet, "timestamp": amqp_encode.timestamp,
-}
-_PROPERTIES = [(name, spec.Basic.Properties.flags[name],
-                _ENCODERS[getattr(spec.Basic.Properties, f"_{name}")])
-               for name in spec.Basic.Properties.__slots__]
+
+
+def property_encoders() -> list[tuple[str, int, Callable[[Any], bytes]]]:
+    """Each basic property's name, flag bit and pamqp encoder, from pamqp's own tables (read at
+    import): a pamqp that changed them stops outbox with UnsupportedClient, not a traceback."""
+    try:
+        encoders: dict[str, Callable[[Any], bytes]] = {
+            "shortstr": amqp_encode.short_string, "table": amqp_encode.field_table,
+            "octet": amqp_encode.octet, "timestamp": amqp_encode.timestamp,
+        }
+        props = spec.Basic.Properties
+        return [(name, props.flags[name], encoders[getattr(props, f"_{name}")])
+                for name in props.__slots__]
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UnsupportedClient(
+            f"{client_version()} is not supported: pamqp's basic properties table changed "
+            f"({exc!r}, read to marshal content headers); install the verified {VERIFIED} "
+            "(pip install 'aiormq==7.2.4' 'pamqp==4.0.1'), or adapt outbox/frames.py to this "
+            "version and run tests/unit/test_publish_frames.py") from exc
+
+
+_PROPERTIES = property_encoders()
 _publish_frames: dict[tuple[int, str, str], bytes] = {}
 
 

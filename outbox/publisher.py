@@ -26,7 +26,7 @@ import random
 import re
 import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -35,12 +35,13 @@ from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
 from outbox import frames, metrics
-from outbox.exceptions import BrokerUnavailable
+from outbox.exceptions import BrokerUnavailable, OutboxError, UnsupportedClient
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings, redact
 
 log = logging.getLogger("outbox.publisher")
+T = TypeVar("T")
 
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 15.0
@@ -87,6 +88,8 @@ class AmqpPublisher:
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._timeout = settings.publish_timeout
+        self.fatal: BaseException | None = None  # why this publisher can never work
+        self._failed = asyncio.Event()
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -94,6 +97,46 @@ class AmqpPublisher:
         """Start connecting in the background (and reconnecting for as long as it runs)."""
         if self._task is None:
             self._task = asyncio.create_task(self._supervise(), name="outbox-broker")
+            self._task.add_done_callback(self._supervisor_done)
+
+    def _supervisor_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._fail(exc if isinstance(exc, OutboxError) else
+                       OutboxError(f"the broker connection's supervisor failed: {exc!r}"))
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self.fatal is None and exc is not None:
+            self.fatal = exc
+            log.error("the broker connection cannot work: stopping the relay",
+                      extra={"fields": {"error": str(exc) or type(exc).__name__}})
+            self._failed.set()
+
+    def _check(self, conn: aiormq.abc.AbstractConnection, channel: Any = None) -> None:
+        """`frames.check_internals`, recorded as this publisher's fatal error when it fails."""
+        try:
+            frames.check_internals(conn, channel)
+        except UnsupportedClient as exc:
+            self._fail(exc)
+            raise
+
+    async def guard(self, task: asyncio.Task[T]) -> T:
+        """Await ``task`` (the relay); if this publisher fails for good first (an unsupported
+        aiormq, a dead supervisor), cancel the task and raise that error: the process ends loudly
+        instead of running not-ready forever."""
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            failed.cancel()
+        if not task.done() and self.fatal is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise self.fatal
+        return await task
 
     async def close(self) -> None:
         if self._task is not None:
@@ -106,7 +149,8 @@ class AmqpPublisher:
     @property
     def ready(self) -> bool:
         conn = self.connection
-        return conn is not None and not conn.is_closed and not self.blocked
+        return (conn is not None and not conn.is_closed and self.fatal is None
+                and not self.blocked)
 
     @property
     def blocked(self) -> bool:
@@ -148,6 +192,7 @@ class AmqpPublisher:
             failures = 0
             self._dropped.clear()
             self.connection = conn
+            self._check(conn)  # before anyone uses it: a moved private part stops the relay
             self.current_url = url
             self.problem = ""
             self._connected.set()
@@ -203,6 +248,7 @@ class AmqpPublisher:
                 opened = await conn.channel(publisher_confirms=True, on_return_raises=True)
             assert isinstance(opened, aiormq.Channel)
             channel = opened
+            self._check(conn, channel)
         except (amqp_exc.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
         self._channels[lane] = channel

@@ -55,7 +55,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        counts = await task
+        counts = await publisher.guard(task)  # an unsupported aiormq ends the process
     except asyncio.CancelledError:
         if not signals:  # not our deadline: never report an escaped cancellation as a clean stop
             raise OutboxError("the relay loop was cancelled unexpectedly") from None
