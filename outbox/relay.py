@@ -106,7 +106,8 @@ class Relay:
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
-        self._flag = Wakeups(store, self._wake, lambda: bool(self._sleeping),
+        self._flag = Wakeups(store, self._wake,
+                             lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
 
     @property
