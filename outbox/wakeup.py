@@ -10,10 +10,10 @@ Two ways, one at a time (alembic/versions/0002 has the flag the insert trigger r
   the NOTIFY) and, while every lane sleeps, reads the newest id of the outbox on its own
   connection: every millisecond after a probe found rows, backing off to `PROBE_MAX` while it
   finds none. A newer id than it (or a claim) saw last wakes a lane; so the first probe after the
-  last busy lane fell asleep also sees what came during its batch. After `IDLE_AFTER` without a claimed row the relay raises the flag
-  again, probes a little longer (`GRACE`: an insert that read the flag lowered may still be
-  committing), and goes back to waiting for a NOTIFY; raising it also wakes a lane to claim once
-  more, for the rows committed in between.
+  last busy lane fell asleep also sees what came during its batch. After `IDLE_AFTER` without a
+  claimed row the relay raises the flag again, probes a little longer (`GRACE`: an insert that
+  read the flag lowered may still be committing), and goes back to waiting for a NOTIFY; raising
+  it also wakes a lane to claim once more, for the rows committed in between.
 
 What neither covers: a row committed with an id lower than one the probe already saw (two
 producers committing out of order), and an insert that read the flag lowered but commits after
