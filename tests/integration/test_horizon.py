@@ -1,0 +1,127 @@
+"""The ordering horizon in sight (docs/ordering.md, "The price of the horizon"): a transaction that
+has written and stays open holds back every keyed row written after it began. `outbox status`
+names it and counts the rows it holds, a running relay's gauges say the same, `outbox doctor`
+warns about it, and all of it clears once it commits (then the rows flow, in id order).
+
+On a shared server another session's writing transaction may be the oldest for a moment: checks
+that name our transaction poll (with a deadline) until it is the oldest; the held-back count
+does not depend on which transaction is oldest (every row of ours was written after ours began).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox.settings import Settings
+from tests import support
+from tests.integration.test_http import metric
+
+pytestmark = pytest.mark.timeout(180)
+
+HELD = 3  # keyed rows written (and committed) while the long transaction is open
+WAIT = 60.0
+
+
+def outbox(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(support.outbox_cmd(*args), env=support.relay_env(settings),
+                          capture_output=True, text=True, timeout=90)
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    proc = outbox(settings, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = orjson.loads(proc.stdout)
+    return data
+
+
+def poll_status(settings: Settings, want: Any) -> dict[str, Any]:
+    """`outbox status --json` until ``want(data)``; the last answer, or TimeoutError."""
+    last: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal last
+        last = status(settings)
+        return bool(want(last))
+
+    try:
+        support.eventually(check, WAIT, interval=0.2)
+    except TimeoutError:
+        raise AssertionError(f"status never showed what was expected; last: {last}") from None
+    return last
+
+
+def horizon_lines(settings: Settings, threshold: float) -> list[str]:
+    proc = outbox(settings, "doctor", f"--max-transaction-age={threshold:.3f}s")
+    assert proc.stdout.splitlines()[-1].startswith("doctor: "), proc.stdout + proc.stderr
+    return [line for line in proc.stdout.splitlines() if line.split()[1:2] == ["horizon"]]
+
+
+def test_a_long_writing_transaction_is_shown_counted_warned_about_and_clears(
+        settings: Settings, queue: str) -> None:
+    insert = sql.SQL("INSERT INTO {}.outbox (routing_key, payload, ordering_key) "
+                     "VALUES (%s, '1', 'order-7') RETURNING message_id::text").format(
+        sql.Identifier(settings.schema))
+    port = support.free_port()
+    relay = support.start_relay(settings, OUTBOX_HTTP_PORT=str(port),
+                                OUTBOX_STATS_INTERVAL="0.5")
+    writer = psycopg.connect(settings.database_url, application_name="forgotten-begin")
+    try:
+        # T1 writes the key's first row and stays open (a forgotten BEGIN)
+        first = writer.execute(insert, (queue,)).fetchone()
+        pid = writer.info.backend_pid
+        with psycopg.connect(settings.database_url, autocommit=True) as other:
+            later = [other.execute(insert, (queue,)).fetchone() for _ in range(HELD)]
+        assert first and all(later)
+
+        mine = poll_status(settings, lambda d: (d["oldest_writer"] or {}).get("pid") == pid)
+        assert mine["held_back_rows"] == HELD and mine["pending"] == HELD
+        w = mine["oldest_writer"]
+        assert w["database"] == "test" and w["role"] == "postgres" and w["prepared"] is None
+        assert w["application_name"] == "forgotten-begin" and w["state"] == "idle in transaction"
+        assert w["age_seconds"] > 0 and mine["horizon_age_seconds"] >= w["age_seconds"] * 0.99
+        assert w["xids_since"] >= HELD  # each later insert took a transaction id
+
+        text = outbox(settings, "status")
+        assert text.returncode == 0, text.stderr
+        print(text.stdout)  # the report shows it
+        assert f"held back    {HELD} keyed rows" in text.stdout
+        assert f"pid {pid} (database test, role postgres, application forgotten-begin" \
+            in text.stdout
+
+        # the running relay publishes none of them, and its gauges say why
+        support.eventually(lambda: metric(port, "outbox_held_back_rows") == HELD, WAIT)
+        support.eventually(lambda: metric(port, "outbox_horizon_age_seconds") > 0, WAIT)
+        assert support.count(settings) == HELD
+
+        # our transaction is at least this old now (an age only grows): doctor must name it
+        threshold = status(settings)["oldest_writer"]["age_seconds"] or 0.0
+        lines = horizon_lines(settings, threshold)
+        assert any(line.startswith("warn") and f"pid {pid} " in line
+                   and "pg_terminate_backend" in line for line in lines), lines
+
+        writer.commit()
+        cleared = poll_status(settings, lambda d: d["held_back_rows"] == 0
+                              and (d["oldest_writer"] or {}).get("pid") != pid)
+        assert cleared["pending"] in range(HELD + 2)  # the relay may have published some
+        support.eventually(lambda: metric(port, "outbox_held_back_rows") == 0, WAIT)
+        assert not [line for line in horizon_lines(settings, threshold) if f"pid {pid} " in line]
+
+        # and the key flows, in id order, the held transaction's row first
+        async def consume() -> list[str]:
+            async with support.Consumer(queue) as consumer:
+                await consumer.wait_for(HELD + 1, timeout=WAIT)
+                await consumer.quiet(0.3)
+                return consumer.message_ids
+        assert asyncio.run(consume()) == [first[0], *(r[0] for r in later if r)]
+    finally:
+        writer.close()
+        code = support.stop_process(relay)
+    assert code == 0
+
