@@ -125,7 +125,12 @@ UPDATE {schema}.outbox_wakeup SET wanted = %(wanted)s, changed_at = now()
 -- are null when there is none; its age is null for other roles' sessions unless this role has
 -- pg_read_all_stats (PostgreSQL hides their xact_start), and `horizon_age_seconds` then falls
 -- back to the age of the oldest keyed row it holds back.
-WITH backlog AS (
+WITH horizon AS MATERIALIZED (
+    -- read once (an InitPlan), not per row: pg_current_snapshot() builds a snapshot per call
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
+           (pg_snapshot_xmax(pg_current_snapshot())::text::numeric
+            - pg_snapshot_xmin(pg_current_snapshot())::text::numeric)::bigint AS xids_since),
+backlog AS (
     SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
            count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= now())
              AS ready,
@@ -138,20 +143,20 @@ WITH backlog AS (
                             FILTER (WHERE sent_at IS NULL AND dead_at IS NULL)), 0)::float8
              AS oldest_pending_age_seconds,
            count(*) FILTER (WHERE ordering_key IS NOT NULL AND sent_at IS NULL
-                              AND dead_at IS NULL
-                              AND xact_id >= pg_snapshot_xmin(pg_current_snapshot()))
+                              AND dead_at IS NULL AND xact_id >= (SELECT xmin FROM horizon))
              AS held_back_rows,
            min(created_at) FILTER (WHERE ordering_key IS NOT NULL AND sent_at IS NULL
                                      AND dead_at IS NULL
-                                     AND xact_id >= pg_snapshot_xmin(pg_current_snapshot()))
+                                     AND xact_id >= (SELECT xmin FROM horizon))
              AS oldest_held_back
       FROM {schema}.outbox),
 writer AS (
     SELECT w.pid, w.database, w.role, w.application_name, w.state, w.prepared,
-           greatest(0, w.age_seconds) AS age_seconds,
-           (pg_snapshot_xmax(pg_current_snapshot())::text::numeric
-            - pg_snapshot_xmin(pg_current_snapshot())::text::numeric)::bigint AS xids_since
-      FROM (SELECT a.pid, a.datname::text AS database, a.usename::text AS role,
+           -- (greatest() ignores a null: a hidden age would read 0)
+           CASE WHEN w.age_seconds IS NOT NULL THEN greatest(0, w.age_seconds) END
+             AS age_seconds, h.xids_since
+      FROM horizon h, (
+            SELECT a.pid, a.datname::text AS database, a.usename::text AS role,
                    a.application_name, a.state, NULL::text AS prepared,
                    extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS age_seconds,
                    a.backend_xid AS xid
@@ -178,7 +183,7 @@ SELECT b.pending, b.ready, b.retrying, b.dead, b.blocked_keys, b.sent,
 -- one nobody finished (each holds keyed rows back: see `status`), oldest first; the age is null
 -- when PostgreSQL hides it from this role.
 SELECT w.pid, w.database, w.role, w.application_name, w.state, w.prepared,
-       greatest(0, w.age_seconds) AS age_seconds
+       CASE WHEN w.age_seconds IS NOT NULL THEN greatest(0, w.age_seconds) END AS age_seconds
   FROM (SELECT a.pid, a.datname::text AS database, a.usename::text AS role,
                a.application_name, a.state, NULL::text AS prepared,
                extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS age_seconds

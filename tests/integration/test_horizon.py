@@ -21,6 +21,8 @@ from psycopg import sql
 
 from outbox.settings import Settings
 from tests import support
+from tests.integration.test_deploy import as_role
+from tests.integration.test_deploy import roles as roles  # the fixture
 from tests.integration.test_http import metric
 
 pytestmark = pytest.mark.timeout(180)
@@ -125,3 +127,32 @@ def test_a_long_writing_transaction_is_shown_counted_warned_about_and_clears(
         code = support.stop_process(relay)
     assert code == 0
 
+
+
+def test_the_relay_role_sees_the_writer_but_not_its_age(
+        settings: Settings, roles: dict[str, str]) -> None:
+    """The least-privilege relay role of sql/roles.sql: PostgreSQL hides another role's
+    xact_start from it, so the writer is named without an age, the gauge's age falls back to the
+    oldest held-back row's, and doctor says how many writers it could not date."""
+    as_relay = settings.replace(database_url=as_role(roles["relay_role"]))
+    insert = sql.SQL("INSERT INTO {}.outbox (routing_key, payload, ordering_key) "
+                     "VALUES ('r', '1', 'k')").format(sql.Identifier(settings.schema))
+    writer = psycopg.connect(settings.database_url)  # as the owner, another role
+    try:
+        writer.execute(insert)
+        pid = writer.info.backend_pid
+        with psycopg.connect(settings.database_url, autocommit=True) as other:
+            other.execute(insert)
+            other.execute(insert)
+        data = poll_status(as_relay, lambda d: (d["oldest_writer"] or {}).get("pid") == pid)
+        assert data["held_back_rows"] == 2
+        assert data["oldest_writer"]["age_seconds"] is None
+        assert data["oldest_writer"]["database"] == "test"
+        assert data["horizon_age_seconds"] > 0  # the oldest held-back row's age
+        text = outbox(as_relay, "status").stdout
+        assert "age hidden from this role: grant it pg_read_all_stats" in text, text
+        lines = horizon_lines(as_relay, 0.0)
+        assert [line for line in lines if line.startswith("ok")
+                and "of other roles not dated" in line], lines
+    finally:
+        writer.close()
