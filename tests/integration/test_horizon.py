@@ -19,7 +19,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bench.postgres_node import PostgresNode
+from outbox import migrate
+from outbox.doctor import Doctor, Level
 from outbox.settings import Settings
+from outbox.store import PgStore, connect
 from tests import support
 from tests.integration.test_deploy import as_role
 from tests.integration.test_deploy import roles as roles  # the fixture
@@ -156,3 +160,46 @@ def test_the_relay_role_sees_the_writer_but_not_its_age(
                 and "of other roles not dated" in line], lines
     finally:
         writer.close()
+
+
+async def test_a_forgotten_prepared_transaction_is_named_and_warned_about() -> None:
+    """A prepared (two-phase) transaction that nobody commits holds keyed rows back like an open
+    one, but has no session. The shared server allows none (max_prepared_transactions = 0), so
+    this runs on a private cluster, where nothing else writes."""
+    with PostgresNode(settings={"max_prepared_transactions": "2"}) as node:
+        settings = support.make_settings("public", database_url=node.url)
+        migrate.upgrade(settings)
+        insert = "INSERT INTO outbox (routing_key, payload, ordering_key) VALUES ('r', '1', 'k')"
+        with psycopg.connect(node.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE ledger (n int)")
+            # (not the outbox: its trigger's NOTIFY cannot be part of a prepared transaction)
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO ledger VALUES (1)")
+            conn.execute("PREPARE TRANSACTION 'forgotten-2pc'")
+            conn.execute(insert)
+            conn.execute(insert)
+        store = PgStore(settings)
+        stats = await store.stats()
+        assert stats.held_back_rows == 2
+        w = stats.oldest_writer
+        assert w is not None and w.prepared == "forgotten-2pc" and w.pid is None
+        assert w.state == "prepared" and w.database == "postgres" and w.role == "postgres"
+        assert w.age_seconds is not None and stats.horizon_age_seconds == w.age_seconds
+        assert "prepared transaction 'forgotten-2pc' (database postgres" in \
+            outbox(settings, "status").stdout
+
+        found = Doctor(settings, max_transaction_age=0.0)
+        conn = await connect(settings, autocommit=True, purpose="test")
+        try:
+            await found.check_horizon(conn)
+        finally:
+            await conn.close()
+        [finding] = found.findings
+        assert finding.level is Level.WARN and "'forgotten-2pc'" in finding.message
+        assert "COMMIT PREPARED 'forgotten-2pc'" in finding.fix
+
+        with psycopg.connect(node.url, autocommit=True) as conn:
+            conn.execute("COMMIT PREPARED 'forgotten-2pc'")
+        stats = await store.stats()
+        assert stats.held_back_rows == 0 and stats.oldest_writer is None
+        assert stats.horizon_age_seconds == 0 and stats.pending == 2
