@@ -89,7 +89,8 @@ def test_a_long_writing_transaction_is_shown_counted_warned_about_and_clears(
         mine = poll_status(settings, lambda d: (d["oldest_writer"] or {}).get("pid") == pid)
         assert mine["held_back_rows"] == HELD and mine["pending"] == HELD
         w = mine["oldest_writer"]
-        assert w["database"] == "test" and w["role"] == "postgres" and w["prepared"] is None
+        db, role = writer.info.dbname, writer.info.user
+        assert w["database"] == db and w["role"] == role and w["prepared"] is None
         assert w["application_name"] == "forgotten-begin" and w["state"] == "idle in transaction"
         assert w["age_seconds"] > 0 and mine["horizon_age_seconds"] >= w["age_seconds"] * 0.99
         assert w["xids_since"] >= HELD  # each later insert took a transaction id
@@ -98,7 +99,7 @@ def test_a_long_writing_transaction_is_shown_counted_warned_about_and_clears(
         assert text.returncode == 0, text.stderr
         print(text.stdout)  # the report shows it
         assert f"held back    {HELD} keyed rows" in text.stdout
-        assert f"pid {pid} (database test, role postgres, application forgotten-begin" \
+        assert f"pid {pid} (database {db}, role {role}, application forgotten-begin" \
             in text.stdout
 
         # the running relay publishes none of them, and its gauges say why
@@ -151,7 +152,7 @@ def test_the_relay_role_sees_the_writer_but_not_its_age(
         data = poll_status(as_relay, lambda d: (d["oldest_writer"] or {}).get("pid") == pid)
         assert data["held_back_rows"] == 2
         assert data["oldest_writer"]["age_seconds"] is None
-        assert data["oldest_writer"]["database"] == "test"
+        assert data["oldest_writer"]["database"] == writer.info.dbname
         assert data["horizon_age_seconds"] > 0  # the oldest held-back row's age
         text = outbox(as_relay, "status").stdout
         assert "age hidden from this role: grant it pg_read_all_stats" in text, text
