@@ -8,6 +8,8 @@ and removes it all at the end. Only the process this class started is ever signa
 
     with PostgresNode() as node:   # ~3 s
         node.url                   # postgresql://postgres@127.0.0.1:<port>/postgres
+
+A test that needs a server setting the shared server lacks passes it (``settings=``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +56,10 @@ def _free_port() -> int:
 class PostgresNode:
     """One private cluster; see the module docstring."""
 
-    def __init__(self, start_timeout: float = 60.0) -> None:
+    def __init__(self, start_timeout: float = 60.0,
+                 settings: Mapping[str, str] | None = None) -> None:
         self.port = _free_port()
+        self.settings = dict(settings or {})
         self.start_timeout = start_timeout
         self.base = Path(tempfile.mkdtemp(prefix="outbox-bench-pg-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,7 +82,8 @@ class PostgresNode:
         log = open(self.base / "server.log", "ab")
         self.proc = subprocess.Popen(
             [bindir / "postgres", "-D", data, "-p", str(self.port), "-k", self.base,
-             "-c", "listen_addresses=127.0.0.1"],
+             "-c", "listen_addresses=127.0.0.1",
+             *(f"-c{name}={value}" for name, value in self.settings.items())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
             start_new_session=True, **self._as)
         log.close()

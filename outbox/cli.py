@@ -12,13 +12,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from outbox import logs
 from outbox.exceptions import ConfigError, OutboxError
 from outbox.settings import Settings, flag_name, redact
+
+if TYPE_CHECKING:
+    from outbox.ports import Writer
 
 # Settings every subcommand takes; the rest are the relay's own.
 COMMON = ("database_url", "schema", "db_timeout", "log_level")
@@ -107,33 +110,35 @@ async def _stats(settings: Settings) -> Any:
     return await PgStore(settings).stats()
 
 
-async def _status(settings: Settings) -> tuple[Any, dict[str, Any]]:
-    from outbox.store import PgStore
-
-    store = PgStore(settings)
-    [horizon] = await store.fetch("ordering_horizon")
-    return await store.stats(), horizon
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    stats, horizon = _run(_status(_settings(args)))
-    data = asdict(stats)
-    data["held_back_rows"] = horizon["held_back_rows"]
-    data["oldest_writer"] = {k: horizon[k] for k in ("pid", "database", "age_seconds")}
+    stats = _run(_stats(_settings(args)))
     if args.json:
-        print(orjson.dumps(data).decode())
+        print(orjson.dumps(asdict(stats)).decode())
         return 0
     print(f"pending      {stats.pending} ({stats.ready} ready, {stats.retrying} waiting to retry)")
     print(f"dead         {stats.dead} (blocking {stats.blocked_keys} ordering keys)")
     print(f"oldest       {stats.oldest_pending_age_seconds:.1f}s pending")
     if stats.sent:
         print(f"sent, kept   {stats.sent} (`outbox cleanup` removes old ones)")
-    if horizon["held_back_rows"]:
-        age = horizon["age_seconds"]
-        print(f"held back    {horizon['held_back_rows']} keyed rows wait for an older transaction "
-              f"to end (pid {horizon['pid']} in database {horizon['database']}"
-              + (f", open {age:.0f}s)" if age is not None else ")"))
+    writer = stats.oldest_writer
+    if writer is not None:
+        print(f"horizon      {describe_writer(writer)}")
+    if stats.held_back_rows:
+        print(f"held back    {stats.held_back_rows} keyed rows wait for that transaction to end "
+              "(docs/ordering.md, \"The price of the horizon\")")
     return 0
+
+
+def describe_writer(w: Writer) -> str:
+    """One line about the transaction that holds the ordering horizon back."""
+    where = ", ".join(f"{k} {v}" for k, v in (("database", w.database), ("role", w.role),
+                                               ("application", w.application_name),
+                                               ("state", w.state)) if v)
+    age = ("age hidden from this role: grant it pg_read_all_stats" if w.age_seconds is None
+           else f"open {w.age_seconds:.1f}s")
+    what = f"prepared transaction {w.prepared!r}" if w.prepared is not None else f"pid {w.pid}"
+    return (f"oldest writing transaction: {what} ({where}), {age}, "
+            f"{w.xids_since} transaction ids since")
 
 
 def _selector(args: argparse.Namespace, *, require: bool) -> dict[str, Any]:
@@ -172,7 +177,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from outbox import doctor
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
-    return doctor.report(_run(doctor.diagnose(overrides, args.exchange or ())))
+    return doctor.report(_run(doctor.diagnose(overrides, args.exchange or (),
+                                              max_transaction_age=args.max_transaction_age)))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -221,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="publish everything ready, then exit 0")
     mig = add("migrate", cmd_migrate, "create or upgrade the outbox and inbox tables")
     mig.add_argument("--revision", default="head", help="target revision (default: head)")
-    status = add("status", cmd_status, "show pending, dead, blocked keys and the lag")
+    status = add("status", cmd_status,
+                 "show pending, dead, blocked keys, the lag and the ordering horizon")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     dead = sub.add_parser("dead", help="list, retry or discard dead rows",
@@ -239,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--all", action="store_true", help="every dead row")
 
-    add("doctor", cmd_doctor, "check settings, database, schema, NOTIFY and broker; exit 1 on a "
-        "FAIL", [f.name for f in fields(Settings)]).add_argument(
-        "--exchange", action="append", help="probe a publish to this exchange instead of the "
-        "default one (repeatable)")
+    doc = add("doctor", cmd_doctor, "check settings, database, schema, NOTIFY and broker; exit 1 "
+              "on a FAIL", [f.name for f in fields(Settings)])
+    doc.add_argument("--exchange", action="append", help="probe a publish to this exchange "
+                     "instead of the default one (repeatable)")
+    doc.add_argument("--max-transaction-age", type=duration, default=duration("60s"),
+                     help="warn about a writing or prepared transaction open longer than this: "
+                     "it holds keyed rows back (default 60s)")
     clean = add("cleanup", cmd_cleanup,
                 "delete rows marked sent (--on-sent mark) older than a retention")
     clean.add_argument("--older-than", type=duration, default=duration("7d"),

@@ -4,8 +4,9 @@ Settings, database reachability and the relay's privileges, schema revision agai
 version's head, the indexes, trigger and autovacuum settings the migration creates, the NOTIFY
 path through the configured connection (LISTEN on one connection, ``pg_notify`` from another:
 behind a transaction-mode pooler the notification never arrives and the relay silently falls
-back to polling), broker reachability, and a confirmed ``mandatory`` publish of a probe message
-(proves write permission without delivering anything on the default exchange).
+back to polling), writing or prepared transactions open longer than a limit (they hold keyed
+rows back), broker reachability, and a confirmed ``mandatory`` publish of a probe message (proves
+write permission without delivering anything on the default exchange).
 
 Exit status: 0 when no finding is a FAIL, 1 otherwise.
 """
@@ -53,6 +54,8 @@ EXPECTED_RELOPTIONS = {
 }
 PROBE_TYPE = "outbox.doctor.probe"
 NOTIFY_WAIT = 3.0
+# A writing transaction open this long holds every keyed row written since (docs/ordering.md).
+MAX_TRANSACTION_AGE = 60.0
 _LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
 
 
@@ -83,6 +86,7 @@ class Doctor:
     settings: Settings
     exchanges: Sequence[str] = ()
     notify_wait: float = NOTIFY_WAIT
+    max_transaction_age: float = MAX_TRANSACTION_AGE
     findings: list[Finding] = field(default_factory=list)
 
     def add(self, level: Level, check: str, message: str, fix: str = "") -> None:
@@ -154,6 +158,7 @@ class Doctor:
             if not autovacuum:
                 self.add(Level.WARN, "vacuum", "autovacuum is off on this server: the outbox "
                          "table will bloat", "set autovacuum = on in postgresql.conf")
+            await self.check_horizon(conn)
             if await self.check_schema(conn):
                 await self.check_privileges(conn)
                 await self.check_indexes(conn)
@@ -193,6 +198,37 @@ class Doctor:
                  f"({shown}): a pooler that drops startup parameters? Queries lose their "
                  "server-side deadline", "connect directly, or set them on the role: "
                  + "; ".join(f"{role} {k} = '{v}'" for k, v in expected.items()))
+
+    async def check_horizon(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A transaction that has written and stays open (a forgotten BEGIN, a long migration, a
+        prepared transaction nobody finished) holds back every keyed row written after it
+        began, in every database of the cluster: the claim waits for it (docs/ordering.md)."""
+        writers = await self._all(conn, "doctor_horizon", {})
+        limit = self.max_transaction_age
+        old = [w for w in writers if w[6] is not None and w[6] >= limit]
+        undated = sum(1 for w in writers if w[6] is None)
+        for pid, database, role, application, state, prepared, age in old[:5]:
+            if prepared is not None:
+                self.add(Level.WARN, "horizon", f"prepared transaction {prepared!r} (database "
+                         f"{database}, owner {role}) was prepared {age:.0f}s ago and is not "
+                         "finished: keyed rows written since are held back",
+                         f"COMMIT PREPARED '{prepared}' or ROLLBACK PREPARED '{prepared}' "
+                         f"in database {database}")
+            else:
+                self.add(Level.WARN, "horizon", f"pid {pid} (database {database}, role {role}"
+                         + (f", application {application}" if application else "")
+                         + f", {state}) has written and stayed open {age:.0f}s: keyed rows "
+                         "written since are held back",
+                         f"end it (commit or roll back; SELECT pg_terminate_backend({pid}) "
+                         "as a last resort); `outbox status` shows the rows it holds back")
+        if len(old) > 5:
+            self.add(Level.WARN, "horizon", f"{len(old) - 5} more writing transactions open "
+                     f"longer than {limit:g}s")
+        if not old:
+            hidden = (f" ({undated} of other roles not dated: PostgreSQL hides their age "
+                      "from this role without pg_read_all_stats)") if undated else ""
+            self.add(Level.OK, "horizon", f"no writing or prepared transaction open longer "
+                     f"than {limit:g}s{hidden}")
 
     async def check_schema(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Reports the revision; True when the tables are there to check further."""
@@ -436,14 +472,15 @@ async def _close(conn: aiormq.abc.AbstractConnection) -> None:
 
 async def diagnose(overrides: Mapping[str, Any], exchanges: Sequence[str] = (),
                    environ: Mapping[str, str] | None = None,
-                   notify_wait: float = NOTIFY_WAIT) -> list[Finding]:
+                   notify_wait: float = NOTIFY_WAIT,
+                   max_transaction_age: float = MAX_TRANSACTION_AGE) -> list[Finding]:
     """Load the settings (flags ``overrides``, environment) and run every check."""
     try:
         settings = Settings.load(overrides, environ)
     except ConfigError as exc:
         return [Finding(Level.FAIL, "settings", str(exc), "fix the setting; `outbox relay "
                         "--help` lists every one with its variable")]
-    doctor = Doctor(settings, exchanges, notify_wait)
+    doctor = Doctor(settings, exchanges, notify_wait, max_transaction_age)
     doctor.add(Level.OK, "settings", f"loaded (schema {settings.schema!r}, "
                f"{len(settings.amqp_urls)} broker URL(s))")
     return await doctor.run()

@@ -36,6 +36,15 @@ BLOCKED_KEYS = Gauge(
 OLDEST_PENDING_AGE = Gauge(
     "outbox_oldest_pending_age_seconds", "Age of the oldest pending row (the lag)",
     registry=REGISTRY)
+HORIZON_AGE = Gauge(
+    "outbox_horizon_age_seconds",
+    "Age of the oldest transaction still running in the cluster that has written something (or "
+    "of a prepared one): keyed rows written after it began wait for it to end; 0 when none",
+    registry=REGISTRY)
+HELD_BACK_ROWS = Gauge(
+    "outbox_held_back_rows",
+    "Keyed pending rows held back by the ordering horizon (written after the oldest running "
+    "writing transaction began)", registry=REGISTRY)
 CONNECTED = Gauge(
     "outbox_connected", "1 when connected (target: database or broker)", ["target"],
     registry=REGISTRY)

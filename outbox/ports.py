@@ -13,6 +13,22 @@ from outbox.rows import Result, Row, Settlement
 
 
 @dataclass(slots=True)
+class Writer:
+    """The oldest transaction still running in the cluster that has written something (or a
+    prepared one nobody finished): every keyed row written after it began waits for it to end
+    (docs/ordering.md, "The price of the horizon")."""
+
+    pid: int | None = None  # None for a prepared transaction
+    database: str | None = None
+    role: str | None = None
+    application_name: str | None = None
+    state: str | None = None  # "prepared" for a prepared transaction
+    prepared: str | None = None  # the prepared transaction's gid
+    age_seconds: float | None = None  # None when PostgreSQL hides it from the relay's role
+    xids_since: int = 0  # transaction ids assigned since it took its own
+
+
+@dataclass(slots=True)
 class Stats:
     """The backlog, as `outbox status` shows it."""
 
@@ -23,6 +39,9 @@ class Stats:
     blocked_keys: int = 0
     sent: int = 0
     oldest_pending_age_seconds: float = 0.0
+    held_back_rows: int = 0  # keyed rows written after `oldest_writer` began
+    horizon_age_seconds: float = 0.0  # of `oldest_writer`; 0 when there is none
+    oldest_writer: Writer | None = None
 
 
 class StoreSession(Protocol):

@@ -77,27 +77,6 @@ SELECT c.* FROM (
 ) c
 ORDER BY c.id;
 
--- ordering_horizon --
--- What holds keyed rows back (docs/ordering.md): the claim publishes a keyed row only once every
--- transaction older than its writer has ended, so the oldest transaction still running anywhere
--- in the cluster that has written something delays every keyed row written after it began.
--- Returns that transaction (pid, database, age; all null when none; the age is null for other
--- roles' sessions unless the relay's role has pg_read_all_stats),
--- how many transaction ids were assigned since it began, and how many keyed pending rows wait.
-SELECT a.pid, a.datname::text AS database,
-       greatest(0, extract(epoch FROM clock_timestamp() - a.xact_start))::float8 AS age_seconds,
-       (pg_snapshot_xmax(pg_current_snapshot())::text::numeric
-        - pg_snapshot_xmin(pg_current_snapshot())::text::numeric)::bigint AS xids_since,
-       (SELECT count(*) FROM {schema}.outbox o
-         WHERE o.ordering_key IS NOT NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
-           AND o.xact_id >= pg_snapshot_xmin(pg_current_snapshot())) AS held_back_rows
-  FROM (SELECT 1) AS one
-  LEFT JOIN LATERAL (
-        SELECT pid, datname, xact_start FROM pg_stat_activity
-         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
-         ORDER BY age(backend_xid) DESC
-         LIMIT 1) AS a ON true;
-
 -- begin --
 -- A lane's transaction (outbox/store.py sends it in the same round trip as the claim).
 BEGIN;
@@ -141,19 +120,84 @@ UPDATE {schema}.outbox_wakeup SET wanted = %(wanted)s, changed_at = now()
 SELECT coalesce(max(id), 0) FROM {schema}.outbox;
 
 -- status --
--- The backlog at a glance (`outbox status`, the gauges of /metrics).
-SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
-       count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= now())
-         AS ready,
-       count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND attempts > 0)
-         AS retrying,
-       count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,
-       count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL) AS blocked_keys,
-       count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
-       coalesce(extract(epoch FROM now() - min(created_at)
-                        FILTER (WHERE sent_at IS NULL AND dead_at IS NULL)), 0)::float8
-         AS oldest_pending_age_seconds
-  FROM {schema}.outbox;
+-- The backlog at a glance (`outbox status`, the gauges of /metrics), and what holds keyed rows back
+-- (docs/ordering.md, "The price of the horizon"): the claim publishes a keyed row only once every
+-- transaction older than its writer has ended, so the oldest transaction still running anywhere in
+-- the cluster that has written something, or a prepared transaction nobody finished, delays every
+-- keyed row written after it began. One scan of the table (the held-back count is a filter of the
+-- same scan); pg_stat_activity and pg_prepared_xacts have a row per session. The writer's columns
+-- are null when there is none; its age is null for other roles' sessions unless this role has
+-- pg_read_all_stats (PostgreSQL hides their xact_start), and `horizon_age_seconds` then falls
+-- back to the age of the oldest keyed row it holds back.
+WITH horizon AS MATERIALIZED (
+    -- read once (an InitPlan), not per row: pg_current_snapshot() builds a snapshot per call
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
+           (pg_snapshot_xmax(pg_current_snapshot())::text::numeric
+            - pg_snapshot_xmin(pg_current_snapshot())::text::numeric)::bigint AS xids_since),
+backlog AS (
+    SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
+           count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= now())
+             AS ready,
+           count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND attempts > 0)
+             AS retrying,
+           count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,
+           count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL) AS blocked_keys,
+           count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
+           coalesce(extract(epoch FROM now() - min(created_at)
+                            FILTER (WHERE sent_at IS NULL AND dead_at IS NULL)), 0)::float8
+             AS oldest_pending_age_seconds,
+           count(*) FILTER (WHERE ordering_key IS NOT NULL AND sent_at IS NULL
+                              AND dead_at IS NULL AND xact_id >= (SELECT xmin FROM horizon))
+             AS held_back_rows,
+           min(created_at) FILTER (WHERE ordering_key IS NOT NULL AND sent_at IS NULL
+                                     AND dead_at IS NULL
+                                     AND xact_id >= (SELECT xmin FROM horizon))
+             AS oldest_held_back
+      FROM {schema}.outbox),
+writer AS (
+    SELECT w.pid, w.database, w.role, w.application_name, w.state, w.prepared,
+           -- (greatest() ignores a null: a hidden age would read 0)
+           CASE WHEN w.age_seconds IS NOT NULL THEN greatest(0, w.age_seconds) END
+             AS age_seconds, h.xids_since
+      FROM horizon h, (
+            SELECT a.pid, a.datname::text AS database, a.usename::text AS role,
+                   a.application_name, a.state, NULL::text AS prepared,
+                   extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS age_seconds,
+                   a.backend_xid AS xid
+              FROM pg_stat_activity a
+             WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+            UNION ALL
+            SELECT NULL, p.database::text, p.owner::text, NULL, 'prepared', p.gid,
+                   extract(epoch FROM clock_timestamp() - p.prepared)::float8, p.transaction
+              FROM pg_prepared_xacts p) w
+     ORDER BY age(w.xid) DESC
+     LIMIT 1)
+SELECT b.pending, b.ready, b.retrying, b.dead, b.blocked_keys, b.sent,
+       b.oldest_pending_age_seconds, b.held_back_rows,
+       CASE WHEN w.xids_since IS NULL THEN 0
+            ELSE coalesce(w.age_seconds,
+                          extract(epoch FROM now() - b.oldest_held_back)::float8, 0) END
+         AS horizon_age_seconds,
+       w.pid, w.database, w.role, w.application_name, w.state, w.prepared, w.age_seconds,
+       w.xids_since
+  FROM backlog b LEFT JOIN writer w ON true;
+
+-- doctor_horizon --
+-- `outbox doctor`: every transaction that has written and is still running, and every prepared
+-- one nobody finished (each holds keyed rows back: see `status`), oldest first; the age is null
+-- when PostgreSQL hides it from this role.
+SELECT w.pid, w.database, w.role, w.application_name, w.state, w.prepared,
+       CASE WHEN w.age_seconds IS NOT NULL THEN greatest(0, w.age_seconds) END AS age_seconds
+  FROM (SELECT a.pid, a.datname::text AS database, a.usename::text AS role,
+               a.application_name, a.state, NULL::text AS prepared,
+               extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS age_seconds
+          FROM pg_stat_activity a
+         WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+        UNION ALL
+        SELECT NULL, p.database::text, p.owner::text, NULL, 'prepared', p.gid,
+               extract(epoch FROM clock_timestamp() - p.prepared)::float8
+          FROM pg_prepared_xacts p) w
+ ORDER BY w.age_seconds DESC NULLS LAST;
 
 -- dead_list --
 -- Dead rows, oldest first, optionally filtered by id and routing key.

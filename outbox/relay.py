@@ -374,6 +374,8 @@ class Relay:
                 metrics.DEAD_ROWS.set(st.dead)
                 metrics.BLOCKED_KEYS.set(st.blocked_keys)
                 metrics.OLDEST_PENDING_AGE.set(st.oldest_pending_age_seconds)
+                metrics.HORIZON_AGE.set(st.horizon_age_seconds)
+                metrics.HELD_BACK_ROWS.set(st.held_back_rows)
             self._refresh_ready()
             await asyncio.sleep(self.settings.stats_interval)
 

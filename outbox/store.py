@@ -22,7 +22,7 @@ from outbox.exceptions import (
     StoreUnavailable,
     WakeupFlagUnavailable,
 )
-from outbox.ports import Stats
+from outbox.ports import Stats, Writer
 from outbox.rows import Row, Settlement
 from outbox.settings import Settings, redact
 from outbox.sql import Queries, for_schema
@@ -256,7 +256,12 @@ class PgStore:
             cur = await conn.execute(self.q["status"])
             rec = await cur.fetchone()
         assert rec is not None
-        return Stats(*rec)
+        (pending, ready, retrying, dead, blocked_keys, sent, oldest, held_back, horizon_age,
+         pid, database, role, application_name, state, prepared, age, xids_since) = rec
+        writer = None if xids_since is None else Writer(
+            pid, database, role, application_name, state, prepared, age, xids_since)
+        return Stats(pending, ready, retrying, dead, blocked_keys, sent, oldest, held_back,
+                     horizon_age, writer)
 
     async def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
         """Run one named statement in autocommit; returns the row count."""

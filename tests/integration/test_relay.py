@@ -154,8 +154,10 @@ async def test_status_reports_the_backlog(settings: Settings) -> None:
     data = orjson.loads(proc.stdout)
     assert data["pending"] == 5 and data["dead"] == 0 and data["blocked_keys"] == 0
     assert data["oldest_pending_age_seconds"] >= 0
-    assert data["held_back_rows"] == 0 and set(data["oldest_writer"]) == {
-        "pid", "database", "age_seconds"}
+    assert data["held_back_rows"] == 0 and data["horizon_age_seconds"] >= 0
+    # another session of the cluster may hold the horizon at this moment
+    assert data["oldest_writer"] is None or {"pid", "database", "age_seconds"} <= set(
+        data["oldest_writer"])
 
 
 def test_message_ids_are_uuids(settings: Settings) -> None:
