@@ -272,8 +272,7 @@ class _SqlAlchemyDatabase(_Database):
             async with asyncio.timeout(self.timeout):
                 async with self.factory() as session, session.begin():
                     with _translate_wrapped(f"recording the {_what(messages)} in the inbox"):
-                        new = await self._record(session, consumer, messages)
-                    conn = await _driver_connection(session)
+                        new, conn = await self._record(session, consumer, messages)
                     if new:
                         await self._apply(session, new)
         except (OutboxError, asyncio.CancelledError):
@@ -290,16 +289,16 @@ class _SqlAlchemyDatabase(_Database):
         return _duplicates(messages, new)
 
     async def _record(self, session: Any, consumer: str,
-                      messages: Sequence[Message]) -> list[Message]:
-        """The inbox rows; returns the messages that are new."""
+                      messages: Sequence[Message]) -> tuple[list[Message], Any]:
+        """The inbox rows; returns the messages that are new, and the driver's connection."""
         if len(messages) == 1:
             result = await session.execute(self.one, {
                 "consumer": consumer, "message_id": messages[0].message_id})
-            return list(messages) if result.rowcount == 1 else []
+            return (list(messages) if result.rowcount == 1 else []), _driver_connection(result)
         result = await session.execute(self.many, {
             "consumer": consumer, "message_ids": [m.message_id for m in messages]})
         ids = {_uuid(r[0]) for r in result.all()}
-        return [m for m in messages if m.message_id in ids]
+        return [m for m in messages if m.message_id in ids], _driver_connection(result)
 
 
 def _connection_lost(conn: Any) -> bool:
@@ -328,10 +327,16 @@ def _translate_wrapped(what: str) -> Iterator[None]:
         raise outbox_exc from exc
 
 
-async def _driver_connection(session: Any) -> Any:
-    """The psycopg connection under a SQLAlchemy ``AsyncSession``."""
-    raw = await (await session.connection()).get_raw_connection()
-    return raw.driver_connection
+def _driver_connection(result: Any) -> Any:
+    """The driver's connection (psycopg's) that ran a SQLAlchemy result, or None if it does not
+    tell. Read from attributes: ``await session.connection()`` would cost two greenlet switches
+    per transaction."""
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        return result.context.root_connection.connection.driver_connection
+    except (AttributeError, sa_exc.SQLAlchemyError):
+        return None  # connection_invalidated alone decides
 
 
 def _what(messages: Sequence[Message]) -> str:
