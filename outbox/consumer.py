@@ -308,7 +308,8 @@ def _connection_lost(conn: Any) -> bool:
     A lost connection (reset, closed, the server shut down or terminated the backend) leaves the
     driver's connection closed or broken: the batch is held and no attempt is counted. A
     statement that failed on a live connection (statement or lock timeout, deadlock,
-    serialization failure, any other error) leaves it open: a handler error, counted and retried.
+    serialization failure, any other error) leaves it open: a handler error (its batch is split,
+    each failure of the message counts an attempt, then it is retried or dead-lettered).
     """
     return bool(getattr(conn, "closed", False) or getattr(conn, "broken", False))
 
