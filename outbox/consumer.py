@@ -31,8 +31,10 @@ exchange at once with the reason; they cannot be deduplicated.
 
 Broker or database unavailable: the consumer reconnects with capped exponential backoff and jitter;
 a batch whose database is unreachable is held (unacked, no transaction open) and retried without
-counting attempts. A ``basic.cancel`` from the broker (the queue was deleted) ends the subscription
-and the consumer subscribes again (declaring the queue again when ``declare`` is set).
+counting attempts. A statement that fails on a live connection (statement or lock timeout,
+deadlock, serialization failure) is a handler error, with psycopg as with SQLAlchemy.
+A ``basic.cancel`` from the broker (the queue was deleted) ends the subscription and the consumer
+subscribes again (declaring the queue again when ``declare`` is set).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -58,7 +60,7 @@ from outbox.publisher import describe_refusal, with_defaults
 from outbox.retry import backoff
 from outbox.settings import Settings, redact
 from outbox.sql import for_schema
-from outbox.store import translate_errors
+from outbox.store import translate_errors, translation
 
 log = logging.getLogger("outbox.consumer")
 
@@ -178,7 +180,7 @@ class _PsycopgDatabase(_Database):
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self.conn
-        if conn is not None and not conn.closed and not conn.broken:
+        if conn is not None and not _connection_lost(conn):
             return conn
         self.conn = None
         with translate_errors(f"connecting to {redact(self.settings.database_url)}"):
@@ -210,7 +212,7 @@ class _PsycopgDatabase(_Database):
             await self._discard(conn)  # its state is unknown: start afresh
             raise _HandlerFailed(f"timed out after {self.timeout:g}s") from exc
         except Exception as exc:
-            if conn.closed or conn.broken:
+            if _connection_lost(conn):
                 self.conn = None
                 raise StoreUnavailable(f"database connection lost: {_describe(exc)}") from exc
             await self._discard_if_unusable(conn)
@@ -237,7 +239,7 @@ class _PsycopgDatabase(_Database):
         return _duplicates(messages, new)
 
     async def _discard_if_unusable(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if conn.closed or conn.broken or conn.info.transaction_status not in (
+        if _connection_lost(conn) or conn.info.transaction_status not in (
                 psycopg.pq.TransactionStatus.IDLE,):
             await self._discard(conn)
 
@@ -263,38 +265,83 @@ class _SqlAlchemyDatabase(_Database):
 
     async def run(self, consumer: str, messages: Sequence[Message], *,
                   pipeline: bool) -> list[Message]:
-        from sqlalchemy import exc as sa_exc
-
+        # Classified as on the psycopg path: the inbox statement's errors as `translate_errors`
+        # makes them; any later one (handler, commit) by the state of the connection.
+        conn: Any = None  # the driver's connection under the session, once it has one
         try:
             async with asyncio.timeout(self.timeout):
                 async with self.factory() as session, session.begin():
-                    if len(messages) == 1:
-                        result = await session.execute(self.one, {
-                            "consumer": consumer, "message_id": messages[0].message_id})
-                        new = list(messages) if result.rowcount == 1 else []
-                    else:
-                        result = await session.execute(self.many, {
-                            "consumer": consumer,
-                            "message_ids": [m.message_id for m in messages]})
-                        ids = {_uuid(r[0]) for r in result.all()}
-                        new = [m for m in messages if m.message_id in ids]
+                    with _translate_wrapped(f"recording the {_what(messages)} in the inbox"):
+                        new, conn = await self._record(session, consumer, messages)
                     if new:
                         await self._apply(session, new)
-        except asyncio.CancelledError:
+        except (OutboxError, asyncio.CancelledError):
             raise
         except TimeoutError as exc:
             raise _HandlerFailed(f"timed out after {self.timeout:g}s") from exc
-        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError) as exc:
-            raise StoreUnavailable(f"database unavailable: {_describe(exc)}") from exc
-        except sa_exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable(f"database connection lost: {_describe(exc)}") from exc
-            if isinstance(exc.orig, psycopg.errors.UndefinedTable) and "inbox" in str(exc):
-                raise StoreUnavailable(f"the inbox table is missing: {_describe(exc)}") from exc
-            raise _HandlerFailed(_describe(exc)) from exc
         except Exception as exc:
+            # connection_invalidated: SQLAlchemy's psycopg dialect made the same test when it
+            # wrapped the error; the connection itself also tells when the handler went on.
+            if getattr(exc, "connection_invalidated", False) or (
+                    conn is not None and _connection_lost(conn)):
+                raise StoreUnavailable(f"database connection lost: {_describe(exc)}") from exc
             raise _HandlerFailed(_describe(exc)) from exc
         return _duplicates(messages, new)
+
+    async def _record(self, session: Any, consumer: str,
+                      messages: Sequence[Message]) -> tuple[list[Message], Any]:
+        """The inbox rows; returns the messages that are new, and the driver's connection."""
+        if len(messages) == 1:
+            result = await session.execute(self.one, {
+                "consumer": consumer, "message_id": messages[0].message_id})
+            return (list(messages) if result.rowcount == 1 else []), _driver_connection(result)
+        result = await session.execute(self.many, {
+            "consumer": consumer, "message_ids": [m.message_id for m in messages]})
+        ids = {_uuid(r[0]) for r in result.all()}
+        return [m for m in messages if m.message_id in ids], _driver_connection(result)
+
+
+def _connection_lost(conn: Any) -> bool:
+    """Whether a transaction failed because it lost its connection: the one test of both drivers
+    for errors after the inbox statement (before it, `translate_errors` decides).
+
+    A lost connection (reset, closed, the server shut down or terminated the backend) leaves the
+    driver's connection closed or broken: the batch is held and no attempt is counted. A
+    statement that failed on a live connection (statement or lock timeout, deadlock,
+    serialization failure, any other error) leaves it open: a handler error (its batch is split,
+    each failure of the message counts an attempt, then it is retried or dead-lettered).
+    """
+    return bool(getattr(conn, "closed", False) or getattr(conn, "broken", False))
+
+
+@contextlib.contextmanager
+def _translate_wrapped(what: str) -> Iterator[None]:
+    """`translate_errors` for the driver error that SQLAlchemy wrapped (``exc.orig``)."""
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        outbox_exc = translation(exc.orig, what) if exc.orig is not None else None
+        if outbox_exc is None:
+            raise  # classified like the handler's errors
+        raise outbox_exc from exc
+
+
+def _driver_connection(result: Any) -> Any:
+    """The driver's connection (psycopg's) that ran a SQLAlchemy result, or None if it does not
+    tell. Read from attributes: ``await session.connection()`` would cost two greenlet switches
+    per transaction."""
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        return result.context.root_connection.connection.driver_connection
+    except (AttributeError, sa_exc.SQLAlchemyError):
+        return None  # connection_invalidated alone decides
+
+
+def _what(messages: Sequence[Message]) -> str:
+    return "message" if len(messages) == 1 else "batch"
 
 
 def _duplicates(messages: Sequence[Message], new: Sequence[Message]) -> list[Message]:

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from outbox.exceptions import (
+    OutboxError,
     PermanentRefusal,
     SchemaMissing,
     StoreUnavailable,
@@ -44,23 +45,34 @@ def translate_errors(what: str) -> Iterator[None]:
     """Turn psycopg (and timeout) errors into outbox exceptions."""
     try:
         yield
-    except pgerrors.UndefinedTable as exc:
-        raise SchemaMissing(
+    except Exception as exc:
+        outbox_exc = translation(exc, what)
+        if outbox_exc is None:
+            raise
+        raise outbox_exc from exc
+
+
+def translation(exc: BaseException, what: str) -> OutboxError | None:
+    """The outbox exception for a psycopg (or timeout) error; None for any other error. Also for
+    a psycopg error that SQLAlchemy wrapped (its ``orig``), so both drivers translate alike."""
+    if isinstance(exc, pgerrors.UndefinedTable):
+        return SchemaMissing(
             f"{what}: the outbox table is missing ({exc.diag.message_primary}); "
-            "run `outbox migrate`") from exc
-    except (pgerrors.InsufficientPrivilege, pgerrors.InvalidAuthorizationSpecification) as exc:
-        raise PermanentRefusal(f"{what}: {_first_line(exc)}") from exc
-    except psycopg.OperationalError as exc:
+            "run `outbox migrate`")
+    if isinstance(exc, (pgerrors.InsufficientPrivilege,
+                        pgerrors.InvalidAuthorizationSpecification)):
+        return PermanentRefusal(f"{what}: {_first_line(exc)}")
+    if isinstance(exc, psycopg.OperationalError):
         msg = _first_line(exc)
         if _PERMANENT.search(msg):
-            raise PermanentRefusal(f"{what}: {msg}") from exc
-        raise StoreUnavailable(f"{what}: {msg}") from exc
-    except TimeoutError as exc:  # before OSError, of which it is a subclass
-        raise StoreUnavailable(f"{what}: no answer from the database within the deadline") \
-            from exc
-    except (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
-            pgerrors.IdleInTransactionSessionTimeout, OSError) as exc:
-        raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
+            return PermanentRefusal(f"{what}: {msg}")
+        return StoreUnavailable(f"{what}: {msg}")
+    if isinstance(exc, TimeoutError):  # before OSError, of which it is a subclass
+        return StoreUnavailable(f"{what}: no answer from the database within the deadline")
+    if isinstance(exc, (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
+                        pgerrors.IdleInTransactionSessionTimeout, OSError)):
+        return StoreUnavailable(f"{what}: {_first_line(exc)}")
+    return None
 
 
 @contextlib.asynccontextmanager

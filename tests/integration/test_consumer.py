@@ -8,13 +8,14 @@ cutting its connection, or by killing a private RabbitMQ node (tests/rabbit_node
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,64 @@ def make_consumer(settings: Settings, queue: str, handler: Any, **options: Any) 
     return Consumer(queue, handler, **base)
 
 
+DRIVERS = ["psycopg", "sqlalchemy"]  # the handler's tx: a connection, or a session
+
+
+class Tx:
+    """Runs SQL on a handler's ``tx`` of either driver: ``execute`` queues a statement (psycopg's
+    pipeline mode may send it later), ``fetch`` waits for its rows (and so for all before it)."""
+
+    def __init__(self, driver: str) -> None:
+        self.driver = driver
+
+    async def execute(self, tx: Any, statement: str) -> None:
+        if self.driver == "sqlalchemy":
+            from sqlalchemy import text
+
+            await tx.execute(text(statement))
+        else:
+            await tx.execute(statement)
+
+    async def fetch(self, tx: Any, statement: str) -> list[Any]:
+        if self.driver == "sqlalchemy":
+            from sqlalchemy import text
+
+            return list((await tx.execute(text(statement))).all())
+        return list(await (await tx.execute(statement)).fetchall())
+
+
+@contextlib.asynccontextmanager
+async def driver_consumer(driver: str, settings: Settings, queue: str, handler: Any, *,
+                          options: str = "", **opts: Any) -> AsyncIterator[Consumer]:
+    """A running consumer whose handler gets a psycopg connection or a SQLAlchemy session;
+    ``options``: libpq options of its database connections."""
+    if driver == "psycopg":
+        async def connect() -> psycopg.AsyncConnection[Any]:
+            return await psycopg.AsyncConnection.connect(settings.database_url, options=options)
+
+        extra = {"connect": connect} if options else {}
+        async with make_consumer(settings, queue, handler, **extra, **opts) as consumer:
+            yield consumer
+        return
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from outbox.migrate import sqlalchemy_url
+
+    engine = create_async_engine(sqlalchemy_url(settings.database_url),
+                                 connect_args={"options": options} if options else {})
+    try:
+        async with make_consumer(settings, queue, handler,
+                                 session_factory=async_sessionmaker(engine), **opts) as consumer:
+            yield consumer
+    finally:
+        await engine.dispose()
+
+
+def effect_sql(schema: str, message: Message) -> str:
+    return (f'INSERT INTO "{schema}".effects (message_id, n) '
+            f"VALUES ('{message.message_id}', {int(message.json()['n'])})")
+
+
 @pytest.fixture
 async def topology(queue: str) -> AsyncIterator[str]:
     """The test queue; afterwards also deletes the consumer's delay and dead-letter queues."""
@@ -175,7 +234,8 @@ async def test_published_twice_by_the_relay_has_one_effect(fx: Settings, topolog
     assert consumer.counts.received == 500
 
 
-async def test_database_outage_holds_the_batch(fx: Settings, topology: str) -> None:
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_database_outage_holds_the_batch(fx: Settings, topology: str, driver: str) -> None:
     """While the database is unreachable no attempt is counted and nothing is dead-lettered."""
     refusals = 3
 
@@ -188,9 +248,28 @@ async def test_database_outage_holds_the_batch(fx: Settings, topology: str) -> N
 
     ids = [uuid.uuid4() for _ in range(50)]
     await publish(support.AMQP_URL, topology, ids)
-    consumer = make_consumer(fx, topology, effect_handler(fx.schema), connect=connect)
-    async with consumer:
-        await consumer.wait_for(lambda c: c.applied >= 50)
+    if driver == "psycopg":
+        consumer = make_consumer(fx, topology, effect_handler(fx.schema), connect=connect)
+        async with consumer:
+            await consumer.wait_for(lambda c: c.applied >= 50)
+    else:
+        from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+        from outbox.migrate import sqlalchemy_url
+
+        engine = create_async_engine(sqlalchemy_url(fx.database_url), async_creator=connect)
+        run = Tx(driver)
+
+        async def handle(session: Any, message: Message) -> None:
+            await run.execute(session, effect_sql(fx.schema, message))
+
+        try:
+            consumer = make_consumer(fx, topology, handle,
+                                     session_factory=async_sessionmaker(engine))
+            async with consumer:
+                await consumer.wait_for(lambda c: c.applied >= 50)
+        finally:
+            await engine.dispose()
     assert refusals == 0
     assert consumer.counts.retried == consumer.counts.dead_lettered == 0
     assert effects(fx) == Counter(dict.fromkeys(ids, 1))
@@ -407,3 +486,170 @@ def test_demo_runs_and_skips_duplicates() -> None:
     m = re.search(r"duplicates skipped:\s+(\d+)", proc.stdout)
     assert m and int(m.group(1)) > 0, proc.stdout
     assert re.search(r"effects applied:\s+2000\b", proc.stdout), proc.stdout
+
+
+# -- database errors: a failed statement is a handler error, a lost connection is waited out -------
+#
+# The same handler code runs on both drivers (psycopg connection or SQLAlchemy session) and the
+# same assertions hold for both. Every error is provoked for real on the real PostgreSQL.
+
+@contextlib.asynccontextmanager
+async def locks_table(
+        settings: Settings) -> AsyncIterator[tuple[str, psycopg.AsyncConnection[Any]]]:
+    """A table ``locks`` with rows 1 and 2, and a second connection (autocommit) to compete with
+    the handler's transaction."""
+    table = f'"{settings.schema}".locks'
+    async with await psycopg.AsyncConnection.connect(settings.database_url,
+                                                     autocommit=True) as other:
+        await other.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL)")
+        await other.execute(f"INSERT INTO {table} VALUES (1, 0), (2, 0)")
+        yield table, other
+
+
+async def wait_lock_wait(watch: psycopg.AsyncConnection[Any], pid: int) -> None:
+    """Until backend ``pid`` waits for a lock (no event tells it: poll, under a deadline)."""
+    async with asyncio.timeout(10):
+        while True:
+            cur = await watch.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+            row = await cur.fetchone()
+            if row is not None and row[0] == "Lock":
+                return
+            await asyncio.sleep(0.01)
+
+
+Provoke = Callable[[Any, Tx], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def statement_timeout(settings: Settings) -> AsyncIterator[tuple[Provoke, str, str]]:
+    async def provoke(tx: Any, run: Tx) -> None:
+        await run.execute(tx, "SET LOCAL statement_timeout = '50ms'")
+        await run.fetch(tx, "SELECT pg_sleep(30)")
+
+    yield provoke, "canceling statement due to statement timeout", ""
+
+
+@contextlib.asynccontextmanager
+async def deadlock(settings: Settings) -> AsyncIterator[tuple[Provoke, str, str]]:
+    """The handler locks row 1 then row 2; the other transaction row 2 then row 1. The handler's
+    backend runs the deadlock check first (a shorter deadlock_timeout), so it is the victim."""
+    async with locks_table(settings) as (table, other), \
+            await psycopg.AsyncConnection.connect(settings.database_url,
+                                                  autocommit=True) as watch:
+        async def provoke(tx: Any, run: Tx) -> None:
+            await other.execute("BEGIN")
+            await other.execute("SET LOCAL deadlock_timeout = '1min'")
+            await other.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 2")
+            await run.fetch(tx, f"UPDATE {table} SET n = n + 1 WHERE id = 1 RETURNING n")
+            blocked = asyncio.ensure_future(
+                other.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1"))
+            try:
+                await wait_lock_wait(watch, other.info.backend_pid)
+                await run.execute(tx, "SET LOCAL deadlock_timeout = '10ms'")
+                await run.fetch(tx, f"UPDATE {table} SET n = n + 1 WHERE id = 2 RETURNING n")
+            finally:
+                # The victim's locks are released when its statement fails, before its ROLLBACK.
+                async with asyncio.timeout(10):
+                    await blocked
+                await other.execute("ROLLBACK")
+
+        yield provoke, "deadlock detected", ""
+
+
+@contextlib.asynccontextmanager
+async def serialization_failure(settings: Settings) -> AsyncIterator[tuple[Provoke, str, str]]:
+    """The consumer's transactions are SERIALIZABLE; another transaction updates the row the
+    handler read, and commits, before the handler updates it."""
+    async with locks_table(settings) as (table, other):
+        async def provoke(tx: Any, run: Tx) -> None:
+            await run.fetch(tx, f"SELECT n FROM {table} WHERE id = 1")
+            await other.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+            await run.fetch(tx, f"UPDATE {table} SET n = n + 1 WHERE id = 1 RETURNING n")
+
+        yield (provoke, "could not serialize access",
+               "-c default_transaction_isolation=serializable")
+
+
+@contextlib.asynccontextmanager
+async def lock_timeout(settings: Settings) -> AsyncIterator[tuple[Provoke, str, str]]:
+    """Another connection holds row 1 for the whole test; the handler waits 50 ms for it."""
+    async with locks_table(settings) as (table, other):
+        await other.execute("BEGIN")
+        await other.execute(f"SELECT n FROM {table} WHERE id = 1 FOR UPDATE")
+
+        async def provoke(tx: Any, run: Tx) -> None:
+            await run.execute(tx, "SET LOCAL lock_timeout = '50ms'")
+            await run.fetch(tx, f"SELECT n FROM {table} WHERE id = 1 FOR UPDATE")
+
+        yield provoke, "canceling statement due to lock timeout", ""
+        await other.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("failure", [statement_timeout, deadlock, serialization_failure,
+                                     lock_timeout])
+async def test_statement_that_always_fails_is_dead_lettered(
+        fx: Settings, topology: str, driver: str, failure: Any) -> None:
+    """A statement that fails on a live connection is a handler error, with either driver: its
+    batch is run again one message per transaction, each failure counts an attempt, the message is
+    retried and dead-lettered after max_attempts, and every other message is applied once."""
+    ids = [uuid.uuid4() for _ in range(120)]
+    poison = ids[10]  # in the first batch of 50
+    attempts: list[int] = []
+    run = Tx(driver)
+    async with failure(fx) as (provoke, error, options):
+        async def handle(tx: Any, message: Message) -> None:
+            await run.execute(tx, effect_sql(fx.schema, message))  # rolled back with the failure
+            if message.message_id == poison:
+                attempts.append(message.attempt)
+                await provoke(tx, run)
+
+        await publish(support.AMQP_URL, topology, ids)
+        async with driver_consumer(driver, fx, topology, handle, options=options,
+                                   max_attempts=3) as consumer:
+            await consumer.wait_for(lambda c: c.dead_lettered >= 1 and c.applied >= 119,
+                                    timeout=30)
+    dead = await drain_queue(support.AMQP_URL, f"{topology}.dead")
+    assert [m.header.properties.message_id for m in dead] == [str(poison)]
+    reason = dead[0].header.properties.headers[DEAD_REASON_HEADER]
+    assert "failed 3 times" in reason and error in reason, reason
+    # first in its batch, then alone (the batch was split); a retry may come back in a batch too
+    assert attempts[:2] == [1, 1] and sorted(set(attempts)) == [1, 2, 3], attempts
+    assert consumer.counts.retried == 2
+    assert consumer.counts.applied == 119
+    assert effects(fx) == Counter({m: 1 for m in ids if m != poison})
+    assert await queue_depth(support.AMQP_URL, topology) == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("swallowed", [False, True])
+async def test_lost_connection_is_retried_without_an_attempt(
+        fx: Settings, topology: str, driver: str, swallowed: bool) -> None:
+    """The handler's own backend is terminated mid-transaction: the batch is held and run again
+    on a new connection, no attempt counted, nothing retried or dead-lettered. Also when the
+    handler catches that error and goes on (its next statement fails differently)."""
+    ids = [uuid.uuid4() for _ in range(120)]
+    victim = ids[10]
+    attempts: list[int] = []
+    run = Tx(driver)
+
+    async def handle(tx: Any, message: Message) -> None:
+        await run.execute(tx, effect_sql(fx.schema, message))
+        if message.message_id == victim:
+            attempts.append(message.attempt)
+            if len(attempts) <= 2:  # the second time alone, if the batch was wrongly split
+                try:
+                    await run.fetch(tx, "SELECT pg_terminate_backend(pg_backend_pid())")
+                except Exception:
+                    if not swallowed:
+                        raise
+                await run.fetch(tx, "SELECT 1")
+
+    await publish(support.AMQP_URL, topology, ids)
+    async with driver_consumer(driver, fx, topology, handle, max_attempts=3) as consumer:
+        await consumer.wait_for(lambda c: c.applied >= 120, timeout=30)
+    assert attempts == [1, 1, 1]  # the whole batch again, as the same attempt
+    assert consumer.counts.retried == consumer.counts.dead_lettered == 0
+    assert effects(fx) == Counter(dict.fromkeys(ids, 1))
+    assert await queue_depth(support.AMQP_URL, topology) == 0
