@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from outbox import metrics
 from outbox.exceptions import (
     PermanentRefusal,
     SchemaMissing,
@@ -93,6 +94,7 @@ class WakeupFlag:
         """Write the flag whenever it should change, until `close`."""
         session: StoreSession | None = None
         failures = 0
+        reported = ""
         self._last_asleep = self._clock()
         try:
             while True:
@@ -116,9 +118,14 @@ class WakeupFlag:
                     return
                 except Exception as exc:
                     # The lanes report the database's state; here it only delays the flag. An
-                    # error nobody foresaw must not end the task silently either.
+                    # error nobody foresaw must not end the task silently either: it is logged
+                    # once (until the flag is written again), counted, and retried.
                     if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                        log.exception("unexpected error while setting the wake-up flag")
+                        metrics.TASK_ERRORS.labels("wakeup_flag").inc()
+                        problem = f"{type(exc).__name__}: {exc}"
+                        if problem != reported:
+                            log.exception("unexpected error while setting the wake-up flag")
+                        reported = problem
                     if session is not None:
                         with contextlib.suppress(Exception):
                             await session.close()
@@ -129,6 +136,7 @@ class WakeupFlag:
                     await asyncio.sleep(backoff(failures, 0.2, self._poll_interval))
                     continue
                 failures = 0
+                reported = ""
                 self._written, self._written_at = wanted, self._clock()
                 if changed and wanted:
                     self._wake()  # rows committed while it was lowered sent no NOTIFY
