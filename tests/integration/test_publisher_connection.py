@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from outbox.exceptions import OutboxError
 from outbox.publisher import AmqpPublisher
 from outbox.rows import Outcome, Result, Row
+from outbox.runner import run_relay
+from outbox.settings import Settings
 from tests import support
 from tests.proxy import FaultProxy
 
@@ -146,3 +149,17 @@ async def test_a_lane_drops_only_the_connection_its_batch_was_on() -> None:
         assert pub.connection is second and pub.ready
     finally:
         await pub.close()
+
+
+async def test_a_broker_supervisor_that_ends_stops_the_relay_with_one_clear_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without its supervisor the relay would wait for the broker forever, reporting nothing
+    new: it must stop, and `outbox relay` exit 1 with the reason."""
+
+    async def broken(self: AmqpPublisher) -> None:
+        raise RuntimeError("supervisor bug")
+
+    monkeypatch.setattr(AmqpPublisher, "_supervise", broken)
+    with pytest.raises(OutboxError, match="the broker task ended: RuntimeError"):
+        await asyncio.wait_for(run_relay(settings), 15)

@@ -12,6 +12,7 @@ import pytest
 
 from outbox import metrics
 from outbox.exceptions import OutboxError, SchemaMissing
+from outbox.http import HealthServer
 from outbox.relay import Relay, Stats
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
@@ -178,3 +179,33 @@ async def test_a_background_task_that_ends_stops_the_relay_loudly(
     assert task_errors("stats") == before + 1
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1 and "stopping the relay" in critical[0].message
+
+
+async def test_an_error_behind_an_http_request_is_logged_once_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def health() -> tuple[bool, dict[str, object]]:
+        raise RuntimeError("health bug")
+
+    server = HealthServer(0, health, host="127.0.0.1")
+    await server.start()
+    before = task_errors("http")
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /readyz HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            async with asyncio.timeout(5):
+                await reader.read()  # the server closes the connection
+            writer.close()
+        # the server goes on: another endpoint still answers
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        await server.close()
+    assert task_errors("http") == before + 2
+    assert len([r for r in caplog.records if "HTTP request" in r.message]) == 1
