@@ -13,6 +13,7 @@ from collections.abc import Callable
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from outbox import metrics
 from outbox.metrics import REGISTRY
 
 log = logging.getLogger("outbox.http")
@@ -27,6 +28,7 @@ class HealthServer:
         self.host = host
         self.health = health
         self._server: asyncio.Server | None = None
+        self._reported = ""  # the last unexpected error, logged once
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -55,6 +57,14 @@ class HealthServer:
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
+        except Exception as exc:
+            # a bug behind one request must not go unseen (asyncio would keep it until the
+            # handler is collected): logged once per kind, counted; the server goes on
+            metrics.TASK_ERRORS.labels("http").inc()
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem != self._reported:
+                log.exception("error while answering an HTTP request")
+            self._reported = problem
         finally:
             writer.close()
 

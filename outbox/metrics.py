@@ -51,6 +51,11 @@ CONNECTED = Gauge(
 BROKER_BLOCKED = Gauge(
     "outbox_broker_blocked", "1 while the broker blocks publishers (memory or disk alarm)",
     registry=REGISTRY)
+TASK_ERRORS = Counter(
+    "outbox_task_errors",
+    "Unexpected errors in the relay's background tasks, by task (a task logs an error once "
+    "and retries; one that ends anyway stops the relay with a non-zero exit)",
+    ["task"], registry=REGISTRY)
 READY = Gauge(
     "outbox_ready", "1 when the relay is ready (connected to both, not blocked)",
     registry=REGISTRY)
@@ -58,5 +63,8 @@ READY = Gauge(
 FAILURE_REASONS = ("nack", "returned", "channel", "timeout", "connection", "poison")
 for _reason in FAILURE_REASONS:
     FAILURES.labels(_reason)
+TASKS = ("broker", "listen", "stats", "wakeup_flag", "http")
+for _task in TASKS:
+    TASK_ERRORS.labels(_task)
 for _target in ("database", "broker"):
     CONNECTED.labels(_target).set(0)

@@ -98,7 +98,8 @@ class Publisher(Protocol):
         """Connected and not blocked by the broker."""
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Wait until `ready`, at most ``timeout`` seconds."""
+        """Wait until `ready`, at most ``timeout`` seconds, awaiting (never spinning) while
+        it is not."""
         ...
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:

@@ -47,7 +47,10 @@ RECONNECT_BASE = 0.2
 RECONNECT_CAP = 15.0
 REFUSED_RETRY = 30.0
 WATCH_INTERVAL = 1.0  # how often a live connection's reader task is checked
+CLOSE_TIMEOUT = 1.0  # a connection given up is closed politely for this long at most
 _CONFIRMED = Result.confirmed()
+# what a dying connection raises into a request in flight (besides CancelledError)
+_CONNECTION_ERRORS = (amqp_exc.AMQPError, OSError, EOFError, TimeoutError)
 _PERMANENT = (
     amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
     amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
@@ -84,7 +87,8 @@ class AmqpPublisher:
         self._channels: dict[int, aiormq.Channel] = {}
         self._channel_locks: dict[int, asyncio.Lock] = {}
         self._connected = asyncio.Event()
-        self._dropped = asyncio.Event()  # set when the relay itself gives up the connection
+        self._dropped = asyncio.Event()  # set when the connection in use is given up
+        self._closers: set[asyncio.Task[None]] = set()  # closes of connections given up
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._timeout = settings.publish_timeout
@@ -92,6 +96,9 @@ class AmqpPublisher:
         self._failed = asyncio.Event()
 
     # -- connection ------------------------------------------------------------------------------
+    #
+    # `connection` and `_connected` change together, in `_use` and `_lose` (synchronous): while
+    # no connection is in use `_connected` is clear, so whoever waits for one awaits it.
 
     async def start(self) -> None:
         """Start connecting in the background (and reconnecting for as long as it runs)."""
@@ -138,19 +145,29 @@ class AmqpPublisher:
             raise self.fatal
         return await task
 
+    @property
+    def supervisor(self) -> asyncio.Task[None] | None:
+        """The task that connects and reconnects; it only ends when `close` cancels it (the
+        runner fails the relay loudly if it ends otherwise)."""
+        return self._task
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        await self._drop_connection()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # never raises its error: the runner reports that
+        conn = self.connection
+        if conn is not None:
+            self._lose(conn)
+            self._retire(conn)
+        if self._closers:
+            await asyncio.wait(self._closers)
 
     @property
     def ready(self) -> bool:
         conn = self.connection
-        return (conn is not None and not conn.is_closed and self.fatal is None
-                and not self.blocked)
+        return (conn is not None and _usable(conn) and self.fatal is None
+                and not frames.blocked(conn))
 
     @property
     def blocked(self) -> bool:
@@ -159,15 +176,27 @@ class AmqpPublisher:
         return conn is not None and frames.blocked(conn)
 
     async def wait_ready(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._connected.wait()
-                conn = self.connection
-                if conn is not None:
-                    await conn.ready()
-        ready = self.ready
+        """Wait until `ready`, at most ``timeout`` seconds. Each round awaits something still
+        pending (a new connection, or the broker lifting its block), so a lane that waits for
+        the broker always gives the event loop back, whatever state the connection is in."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.ready:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            conn = self.connection
+            if conn is not None and not _usable(conn):
+                self._lose(conn)  # dead before the supervisor saw it: nobody may wait on it
+                conn = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    if conn is None:
+                        await self._connected.wait()
+                    else:
+                        await conn.ready()  # connected and open, so blocked: until unblocked
         metrics.BROKER_BLOCKED.set(1 if self.blocked else 0)
-        return ready
+        return self.ready
 
     async def _supervise(self) -> None:
         failures = 0
@@ -190,69 +219,123 @@ class AmqpPublisher:
                 await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 continue
             failures = 0
-            self._dropped.clear()
-            self.connection = conn
             self._check(conn)  # before anyone uses it: a moved private part stops the relay
-            self.current_url = url
-            self.problem = ""
-            self._connected.set()
-            metrics.CONNECTED.labels("broker").set(1)
-            log.info("broker connected", extra={"fields": {"url": redact(url)}})
-            # aiormq's close of a stalled connection can hang (it waits for the peer), and its
-            # closing future then never resolves: _drop_connection wakes us up as well
-            closing = conn.closing
-            dropped = asyncio.ensure_future(self._dropped.wait())
+            error: Exception | None = None
             try:
-                while not (closing.done() or dropped.done() or frames.reader_died(conn)):
-                    await asyncio.wait([closing, dropped], timeout=WATCH_INTERVAL,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                reason = await self._hold(conn, url)
+            except Exception as exc:
+                error, reason = exc, f"unexpected error: {type(exc).__name__}: {exc}"
             finally:
-                dropped.cancel()
-            if not closing.done() and not dropped.done():
-                # aiormq's reader is gone but its own clean-up hangs (seen after a reset under
-                # uvloop), so nothing would ever resolve `closing`: give the connection up
-                await self._drop_connection()
-            self._connected.clear()
-            self._channels.clear()
-            metrics.CONNECTED.labels("broker").set(0)
-            reason = closing.exception() if (
-                closing.done() and not closing.cancelled()) else "given up by the relay"
-            closing.cancel()  # only stops this observer
-            self._set_problem(f"broker {redact(url)}: connection lost ({reason})")
-            self.connection = None
+                self._lose(conn)
+                self._retire(conn)
+            problem = f"broker {redact(url)}: connection lost ({reason})"
             index += 1  # try the next node first: the one we lost may be down
+            if error is None:
+                self._set_problem(problem)
+                continue
+            # A bug here must not leave the relay without a broker for good: say it (once per
+            # kind of error), count it, and connect again after a pause.
+            metrics.TASK_ERRORS.labels("broker").inc()
+            if problem != self.problem:
+                log.error("unexpected error while holding the broker connection",
+                          exc_info=error)
+            self._set_problem(problem)
+            failures += 1
+            await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+
+    async def _hold(self, conn: aiormq.Connection, url: str
+                    ) -> BaseException | str | None:
+        """Use ``conn`` until it closes, its reader dies or it is given up; returns why."""
+        self._use(conn, url)
+        log.info("broker connected", extra={"fields": {"url": redact(url)}})
+        # aiormq's close of a stalled connection can hang (it waits for the peer), and its
+        # closing future then never resolves: `_lose` wakes us up as well
+        closing = conn.closing
+        dropped = asyncio.ensure_future(self._dropped.wait())
+        try:
+            while not (closing.done() or dropped.done() or frames.reader_died(conn)):
+                await asyncio.wait([closing, dropped], timeout=WATCH_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if closing.done() and not closing.cancelled():
+                return closing.exception()
+            if frames.reader_died(conn):
+                # aiormq's reader is gone but its own clean-up may hang (seen after a reset
+                # under uvloop), so nothing would ever resolve `closing`
+                return "the connection's reader ended"
+            return "given up by the relay"
+        finally:
+            dropped.cancel()
+            closing.cancel()  # only stops this observer
+
+    def _use(self, conn: aiormq.Connection, url: str) -> None:
+        self._dropped.clear()
+        self.connection = conn
+        self.current_url = url
+        self.problem = ""
+        self._connected.set()
+        metrics.CONNECTED.labels("broker").set(1)
+
+    def _lose(self, conn: aiormq.abc.AbstractConnection) -> bool:
+        """Stop using ``conn`` if it is the connection in use (True then). From here on no lane
+        opens a channel on it, waiters wait for the next one, and the supervisor reconnects."""
+        if conn is not self.connection:
+            return False
+        self.connection = None
+        self._connected.clear()
+        self._channels.clear()
+        self._dropped.set()
+        metrics.CONNECTED.labels("broker").set(0)
+        return True
+
+    def _retire(self, conn: aiormq.abc.AbstractConnection) -> None:
+        """Close a connection given up, in the background: reconnecting does not wait for it."""
+        if conn.is_closed:
+            return
+        task = asyncio.create_task(_close(conn), name="outbox-broker-close")
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     def _set_problem(self, problem: str) -> None:
         if problem != self.problem:
             log.error("broker unavailable", extra={"fields": {"error": problem}})
         self.problem = problem
 
-    async def _drop_connection(self) -> None:
-        conn, self.connection = self.connection, None
-        self._channels.clear()
-        if conn is not None:
-            self._dropped.set()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await conn.close()
+    def _drop_connection(self, conn: aiormq.abc.AbstractConnection, why: str) -> None:
+        """A lane found the connection its batch was on unusable (stalled): reconnect. Only
+        that connection is given up; if the supervisor has replaced it already, the fresh one
+        (and every other lane's batch on it) is left alone."""
+        if self._lose(conn):
+            log.warning("%s: reconnecting", why)
 
     async def _channel(self, lane: int) -> aiormq.Channel:
         channel = self._channels.get(lane)
         if channel is not None and not channel.is_closed:
             return channel
         conn = self.connection
-        if conn is None or conn.is_closed:
+        if conn is None or not _usable(conn):
             raise BrokerUnavailable("not connected to the broker")
         try:
             async with asyncio.timeout(self._timeout):
                 opened = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            assert isinstance(opened, aiormq.Channel)
-            channel = opened
-            self._check(conn, channel)
-        except (amqp_exc.AMQPError, ConnectionError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
-        self._channels[lane] = channel
-        return channel
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the lane itself is cancelled (the shutdown deadline)
+            # aiormq throws CancelledError into the requests in flight on a connection it
+            # closes with no other reason (its reader was cancelled): a lost connection
+            raise BrokerUnavailable("the connection closed while a channel was opening") \
+                from None
+        except Exception as exc:
+            if not isinstance(exc, _CONNECTION_ERRORS) and _usable(conn):
+                raise  # not the connection's fault: the lane reports it
+            raise BrokerUnavailable(
+                f"cannot open a channel: {exc or type(exc).__name__}") from exc
+        assert isinstance(opened, aiormq.Channel)
+        self._check(conn, opened)
+        if conn is not self.connection:
+            raise BrokerUnavailable("the connection was given up while a channel was opening")
+        self._channels[lane] = opened
+        return opened
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -309,8 +392,8 @@ class AmqpPublisher:
             # The write queue stayed full: nothing was sent (UNSETTLED). Unless the broker
             # blocks publishers, the connection is stalled: start over on a new one.
             if not self.blocked:
-                log.warning("cannot write to the broker within the deadline: reconnecting")
-                await self._drop_connection()
+                self._drop_connection(channel.connection,
+                                      "cannot write to the broker within the deadline")
             return
         except (amqp_exc.AMQPError, ConnectionError):
             return  # UNSETTLED
@@ -352,8 +435,7 @@ class AmqpPublisher:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if stalled and not self.blocked:
-            log.warning("no confirms within the deadline: reconnecting")
-            await self._drop_connection()
+            self._drop_connection(channel.connection, "no confirms within the deadline")
             return
         if collateral:
             self._channels.pop(lane, None)
@@ -366,6 +448,20 @@ class AmqpPublisher:
             for part in (collateral[:half], collateral[half:]):
                 if part:
                     await self._publish_into(rows, part, lane, results, deadline)
+
+
+def _usable(conn: aiormq.abc.AbstractConnection) -> bool:
+    """Open, and its frame reader still runs (a connection whose reader died is dead, even
+    while aiormq's own close of it has not finished)."""
+    return not conn.is_closed and not frames.reader_died(conn)
+
+
+async def _close(conn: aiormq.abc.AbstractConnection) -> None:
+    # With an explicit reason: aiormq's default throws CancelledError into every request
+    # still in flight on it, which a lane would take for its own cancellation.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await conn.close(amqp_exc.ConnectionClosed(320, "closed by the relay"))
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")

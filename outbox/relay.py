@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -22,7 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from outbox import metrics
-from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
+from outbox.exceptions import (
+    OutboxError,
+    PermanentRefusal,
+    SchemaMissing,
+    StoreUnavailable,
+)
 from outbox.ports import Publisher, Store, StoreSession
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row, Settlement
@@ -106,13 +112,16 @@ class Relay:
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
+        self.failure = ""  # why a background task ended: the relay stops and exits non-zero
+        self._ending = False  # run() is cancelling its helpers itself
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
 
     @property
     def ready(self) -> bool:
-        return self.health.database and self.publisher.ready and not self._stopping.is_set()
+        return (self.health.database and self.publisher.ready and not self._stopping.is_set()
+                and not self.failure)
 
     def stop(self) -> None:
         """Stop claiming; the lanes settle what they hold and return."""
@@ -122,26 +131,57 @@ class Relay:
         self._wake_all()
 
     async def run(self) -> Counts:
-        """Run until stopped (or drained); returns what this relay did."""
-        ...
+        """Run until stopped (or drained); returns what this relay did. Raises OutboxError
+        when a background task ended (see `fail`), after the lanes settled their batches."""
         lanes = [asyncio.Event() for _ in range(self.settings.concurrency)]
         self._wakeups = lanes
-        helpers = [asyncio.create_task(self._listen(), name="outbox-listen"),
-                   asyncio.create_task(self._safety_poll(), name="outbox-safety-poll")]
+        helpers = {"listen": asyncio.create_task(self._listen(), name="outbox-listen"),
+                   "safety_poll": asyncio.create_task(self._safety_poll(),
+                                                      name="outbox-safety-poll")}
         if not self.drain:
-            helpers.append(asyncio.create_task(self._refresh_stats(), name="outbox-stats"))
+            helpers["stats"] = asyncio.create_task(self._refresh_stats(), name="outbox-stats")
         flag = asyncio.create_task(self._flag.run(), name="outbox-wakeup-flag")
+        for name, task in [*helpers.items(), ("wakeup_flag", flag)]:
+            task.add_done_callback(functools.partial(self._helper_ended, name))
         try:
             await asyncio.gather(*(
                 self._lane(i, ev) for i, ev in enumerate(lanes)))
         finally:
+            self._ending = True
             self._flag.close()  # its last write leaves the flag raised for the relays that stay
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(flag, self.settings.db_timeout)
-            for t in helpers:
+            for t in helpers.values():
                 t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers.values(), return_exceptions=True)
+        if self.failure:
+            raise OutboxError(self.failure)
         return self.counts
+
+    def fail(self, task: str, error: BaseException | str) -> None:
+        """A background task ended: without it the relay would go on degraded in silence, so
+        it turns not-ready, counts it, says so in one line and stops (`run` then raises)."""
+        if self.failure:
+            return
+        self.failure = f"the {task} task ended: {error!r}" if isinstance(
+            error, BaseException) else f"the {task} task ended: {error}"
+        metrics.TASK_ERRORS.labels(task).inc()
+        self.health.problems["relay"] = self.failure
+        log.critical("background task ended; stopping the relay", extra={"fields": {
+            "task": task, "error": self.failure}},
+            exc_info=error if isinstance(error, BaseException) else None)
+        self.stop()
+        self._refresh_ready()
+
+    def _helper_ended(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._ending:
+            return
+        if task.cancelled():
+            self.fail(name, "cancelled")
+        elif (error := task.exception()) is not None:
+            self.fail(name, error)
+        elif name != "wakeup_flag":  # the flag task ends by itself when the flag is missing
+            self.fail(name, "returned")
 
     # -- lanes -----------------------------------------------------------------------------------
 
@@ -261,7 +301,13 @@ class Relay:
         if self.publisher.ready:
             return True
         self._refresh_ready()
-        await self.publisher.wait_ready(min(1.0, self.settings.poll_interval))
+        loop = asyncio.get_running_loop()
+        timeout = min(1.0, self.settings.poll_interval)
+        until = loop.time() + timeout
+        if not await self.publisher.wait_ready(timeout) and loop.time() < until:
+            # a publisher that gave up before its deadline must not make this lane spin: wait
+            # out the rest (a stop ends the wait)
+            await self._pause(until - loop.time())
         self._refresh_ready()
         return self.publisher.ready and not self._stopping.is_set()
 
@@ -330,17 +376,31 @@ class Relay:
     # -- helpers -----------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Wake a lane on NOTIFY; polling covers the gaps while this reconnects."""
-        ...
+        """Wake a lane on NOTIFY; polling covers the gaps while this reconnects. Any error is
+        retried with backoff; one the lanes do not report already (the database's state) is
+        logged once, and counted."""
         failures = 0
+        reported = ""
         while True:
             try:
                 await self.store.listen(self._heard)
-            except (StoreUnavailable, PermanentRefusal):
-                failures += 1
+                raise OutboxError("the listener returned")  # it only ever ends by raising
+            except (StoreUnavailable, PermanentRefusal, SchemaMissing):
+                problem = ""
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                metrics.TASK_ERRORS.labels("listen").inc()
+                if problem != reported:
+                    log.exception("listening for notifications failed; lanes poll every "
+                                  "%gs until it is back", self.settings.poll_interval)
             finally:
-                self._listening = False
+                listened, self._listening = self._listening, False
                 self._wake_all()  # lanes asleep without a timer poll again until it is back
+            if listened:  # it ran: a new outage, retried quickly again and reported again
+                failures = 0
+                reported = ""
+            reported = problem or reported
+            failures += 1
             await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
 
     def _heard(self) -> None:
@@ -364,12 +424,26 @@ class Relay:
             ev.set()
 
     async def _refresh_stats(self) -> None:
+        """Refresh the backlog gauges every ``stats_interval``, retrying any error with backoff
+        (an unmigrated schema too): one the lanes do not report is logged once, and counted."""
+        failures = 0
+        reported = ""
         while True:
+            interval = self.settings.stats_interval
             try:
                 st = await self.store.stats()
-            except (StoreUnavailable, PermanentRefusal):
-                pass
+            except Exception as exc:
+                failures += 1
+                interval = backoff(failures, interval, max(interval, RECONNECT_CAP), self._rng)
+                if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
+                    metrics.TASK_ERRORS.labels("stats").inc()
+                    problem = f"{type(exc).__name__}: {exc}"
+                    if problem != reported:
+                        log.exception("cannot refresh the backlog gauges; retrying")
+                    reported = problem
             else:
+                failures = 0
+                reported = ""
                 metrics.PENDING.set(st.pending)
                 metrics.DEAD_ROWS.set(st.dead)
                 metrics.BLOCKED_KEYS.set(st.blocked_keys)
@@ -377,5 +451,5 @@ class Relay:
                 metrics.HORIZON_AGE.set(st.horizon_age_seconds)
                 metrics.HELD_BACK_ROWS.set(st.held_back_rows)
             self._refresh_ready()
-            await asyncio.sleep(self.settings.stats_interval)
+            await asyncio.sleep(interval)
 

@@ -36,6 +36,15 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
                                                  "drain": drain}})
     await publisher.start()
     task = asyncio.create_task(relay.run(), name="outbox-relay")
+    supervisor = publisher.supervisor
+
+    def supervisor_ended(ended: asyncio.Task[None]) -> None:
+        # it reconnects for as long as the relay runs: ended, the relay would wait forever
+        relay.fail("broker", "cancelled" if ended.cancelled() else
+                   ended.exception() or "returned")
+
+    if supervisor is not None:
+        supervisor.add_done_callback(supervisor_ended)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -64,6 +73,8 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if supervisor is not None:
+            supervisor.remove_done_callback(supervisor_ended)
         await publisher.close()
         if http is not None:
             await http.close()

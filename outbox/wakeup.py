@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable
 
+from outbox import metrics
 from outbox.exceptions import (
     PermanentRefusal,
     SchemaMissing,
@@ -110,6 +111,7 @@ class Wakeups:
         """Write the flag whenever it should change and probe while active, until `close`."""
         session: StoreSession | None = None
         failures = 0
+        reported = ""
         try:
             while True:
                 wanted, changes_in = self._wanted()
@@ -135,9 +137,14 @@ class Wakeups:
                 except Exception as exc:
                     # The lanes report the database's state; here it only delays the flag or a
                     # wake-up (the safety poll still finds the rows). An error nobody foresaw
-                    # must not end the task silently either.
+                    # must not end the task silently either: it is logged once (until the task
+                    # works again), counted, and retried.
                     if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                        log.exception("unexpected error in the wake-up task; retrying")
+                        metrics.TASK_ERRORS.labels("wakeup_flag").inc()
+                        problem = f"{type(exc).__name__}: {exc}"
+                        if problem != reported:
+                            log.exception("unexpected error in the wake-up task; retrying")
+                        reported = problem
                     if session is not None:
                         with contextlib.suppress(Exception):
                             await session.close()
@@ -148,6 +155,7 @@ class Wakeups:
                     await asyncio.sleep(backoff(failures, 0.2, 5.0))
                     continue
                 failures = 0
+                reported = ""
                 self._poked.clear()
                 look_again = self._written_at + self._recheck_every - self._clock()
                 if changes_in is not None:
