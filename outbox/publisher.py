@@ -107,10 +107,15 @@ class AmqpPublisher:
             self._task.add_done_callback(self._supervisor_done)
 
     def _supervisor_done(self, task: asyncio.Task[None]) -> None:
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None:
-            self._fail(exc if isinstance(exc, OutboxError) else
-                       OutboxError(f"the broker connection's supervisor failed: {exc!r}"))
+        if self._task is not task:
+            return  # `close` cancelled it
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is None:
+            exc = OutboxError("the broker task ended: returned")
+        elif not isinstance(exc, OutboxError):
+            exc = OutboxError(f"the broker task ended: {exc!r}")
+        metrics.TASK_ERRORS.labels("broker").inc()
+        self._fail(exc)
 
     def _fail(self, exc: BaseException | None) -> None:
         if self.fatal is None and exc is not None:
@@ -144,12 +149,6 @@ class AmqpPublisher:
             await asyncio.gather(task, return_exceptions=True)
             raise self.fatal
         return await task
-
-    @property
-    def supervisor(self) -> asyncio.Task[None] | None:
-        """The task that connects and reconnects; it only ends when `close` cancels it (the
-        runner fails the relay loudly if it ends otherwise)."""
-        return self._task
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -36,15 +36,6 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
                                                  "drain": drain}})
     await publisher.start()
     task = asyncio.create_task(relay.run(), name="outbox-relay")
-    supervisor = publisher.supervisor
-
-    def supervisor_ended(ended: asyncio.Task[None]) -> None:
-        # it reconnects for as long as the relay runs: ended, the relay would wait forever
-        relay.fail("broker", "cancelled" if ended.cancelled() else
-                   ended.exception() or "returned")
-
-    if supervisor is not None:
-        supervisor.add_done_callback(supervisor_ended)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -64,7 +55,9 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        counts = await publisher.guard(task)  # an unsupported aiormq ends the process
+        # the broker's supervisor reconnects for as long as the relay runs: if it ends (an
+        # unsupported aiormq, a bug), so does the process, loudly
+        counts = await publisher.guard(task)
     except asyncio.CancelledError:
         if not signals:  # not our deadline: never report an escaped cancellation as a clean stop
             raise OutboxError("the relay loop was cancelled unexpectedly") from None
@@ -73,8 +66,6 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        if supervisor is not None:
-            supervisor.remove_done_callback(supervisor_ended)
         await publisher.close()
         if http is not None:
             await http.close()

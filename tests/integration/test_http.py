@@ -58,7 +58,7 @@ def test_metrics_move_and_readiness_follows_the_broker(settings: Settings) -> No
 
             broker.refuse()  # cut: not ready, then ready again after
             support.eventually(lambda: get(port, "/readyz")[0] == 503, 30)
-            assert metric(port, 'outbox_connected{target="broker"}') == 0
+            support.eventually(lambda: metric(port, 'outbox_connected{target="broker"}') == 0, 10)
             broker.refuse(False)
             support.eventually(lambda: get(port, "/readyz")[0] == 200, 30)
             assert get(port, "/nope")[0] == 404
