@@ -34,6 +34,8 @@ _PERMANENT = re.compile(
     r"|no pg_hba\.conf entry|certificate verify failed|permission denied for database",
     re.I,
 )
+READ_ONLY = ("connected to a read-only standby; point OUTBOX_DATABASE_URL at the primary or add "
+             "target_session_attrs=read-write")
 JSON = "application/json"
 OCTETS = "application/octet-stream"
 
@@ -49,6 +51,10 @@ def translate_errors(what: str) -> Iterator[None]:
             "run `outbox migrate`") from exc
     except (pgerrors.InsufficientPrivilege, pgerrors.InvalidAuthorizationSpecification) as exc:
         raise PermanentRefusal(f"{what}: {_first_line(exc)}") from exc
+    except pgerrors.ReadOnlySqlTransaction as exc:
+        # the same text whatever failed (a claim, LISTEN, the flag): one line in the log, and a
+        # retry, since a standby may be promoted
+        raise StoreUnavailable(READ_ONLY) from exc
     except psycopg.OperationalError as exc:
         msg = _first_line(exc)
         if _PERMANENT.search(msg):
@@ -113,11 +119,25 @@ async def connect(
     options = libpq_options(session_settings(settings))
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
-            return await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 settings.database_url, autocommit=autocommit,
                 connect_timeout=max(1, int(settings.db_timeout)),
                 application_name=f"outbox-{purpose}", options=options,
             )
+    if read_only(conn):
+        # refused here rather than by the first claim, so the lane never reports the
+        # database connected in between
+        await conn.close()
+        raise StoreUnavailable(READ_ONLY)
+    return conn
+
+
+def read_only(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """The server said at connect time that it is a hot standby or read-only by default
+    (PostgreSQL 14+ reports both without a query; older servers fail the first write)."""
+    info = conn.info
+    return "on" in (info.parameter_status("in_hot_standby"),
+                    info.parameter_status("default_transaction_read_only"))
 
 
 def row_from_record(rec: Sequence[Any]) -> Row:
