@@ -13,6 +13,8 @@ import itertools
 import random
 import re
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -34,7 +36,7 @@ from tests.faults.conftest import (
     fault_settings,
     until,
 )
-from tests.rabbit_cluster import RabbitCluster
+from tests.rabbit_cluster import RabbitCluster, in_parallel
 from tests.rabbit_node import RabbitNode
 
 pytestmark = pytest.mark.faults
@@ -217,3 +219,57 @@ async def test_whole_cluster_restarts_mid_drain(
         assert relay.alive, relay.log_tail()
     assert tally.delivered == rows and tally.dead == 0
     assert_key_order(consumer, where)
+
+
+async def test_minority_rows_wait_and_nothing_is_marked_sent(
+    schema: str, up: RabbitCluster, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    """Two of three nodes down: the quorum queue has no majority, so no publish is confirmed.
+    The relay marks nothing sent; the rows wait (their attempts count: OUTBOX_MAX_ATTEMPTS and
+    the backoff bound how long a minority may last before rows are parked dead) and drain once
+    the majority is back."""
+    queue = support.unique("qq")
+    await declare_quorum(up.urls[0], queue)
+    port = support.free_port()
+    settings = fault_settings(schema, amqp_url=up.url, batch_size=100, max_attempts=1000,
+                              http_port=port)
+    relay = relays(settings)
+    line = await relay.wait_log(r"broker connected", 30)
+    survivor = connected_node(up, line)
+    down = [n for n in up.nodes if n is not survivor]
+    rows = 2_000
+    async with collecting(ledger, [queue], [survivor.url], **QUORUM) as consumer:
+        await asyncio.to_thread(in_parallel_kill, down)
+        where = keyed_rows(ledger, settings, queue, rows)
+        direct = settings.replace(database_url=support.DATABASE_URL)
+        await until(lambda: len(relay.logged("publish failed")) >= 3, 60, "publishes failing")
+        kinds = sorted({k for line in relay.logged("publish failed")
+                        for k in re.findall(r'"kind":"(\w+)"', line)})
+        ready = readyz(port)
+        pending = support.count(direct, "sent_at IS NULL")
+        print(f"\nin minority: failure kinds {kinds}, {pending} of {rows} pending, "
+              f"{len(consumer.distinct)} delivered, /readyz {ready}")
+        assert pending == rows and not consumer.distinct
+        t0 = time.monotonic()
+        await asyncio.to_thread(up.start)
+        await until(lambda: len(consumer.distinct) > 0, 90, "deliveries with a majority back")
+        print(f"majority back: first delivery {time.monotonic() - t0:.1f}s after the nodes "
+              "were started")
+        tally = await ledger.account(wait=90)
+        assert relay.alive, relay.log_tail()
+    assert tally.delivered == rows and tally.dead == 0
+    assert_key_order(consumer, where)
+
+
+def in_parallel_kill(nodes: list[RabbitNode]) -> None:
+    in_parallel([n.kill for n in nodes])
+
+
+def readyz(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return str(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode())
+    except OSError as exc:
+        return f"unreachable: {exc}"
