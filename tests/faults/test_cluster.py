@@ -32,7 +32,6 @@ from tests.faults.conftest import (
     Ledger,
     RelayProcess,
     collecting,
-    execute,
     fault_settings,
     until,
 )
@@ -81,11 +80,13 @@ def connected_node(cluster: RabbitCluster, line: str) -> RabbitNode:
 
 def keyed_rows(ledger: Ledger, settings: Settings, queue: str,
                n: int = ROWS) -> dict[str, tuple[int, str]]:
-    """Insert n rows over KEYS ordering keys; message id -> (row id, key)."""
+    """Insert n rows over KEYS ordering keys in one statement; message id -> (position, key).
+    (The relay may already be deleting them: the ids are taken from the insert, in whose order
+    the rows' ids are assigned.)"""
     rng = random.Random(n)
-    ledger.insert(settings, n, queue, keys=[f"k{rng.randrange(KEYS)}" for _ in range(n)])
-    return {m: (i, k) for m, i, k in execute(
-        settings, "SELECT message_id::text, id, ordering_key FROM {}.outbox")}
+    keys = [f"k{rng.randrange(KEYS)}" for _ in range(n)]
+    ids = ledger.insert(settings, n, queue, keys=keys)
+    return {m: (i, k) for i, (m, k) in enumerate(zip(ids, keys, strict=True))}
 
 
 def assert_key_order(consumer: Collector, where: dict[str, tuple[int, str]]) -> None:
