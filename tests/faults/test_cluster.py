@@ -35,6 +35,7 @@ from tests.faults.conftest import (
     fault_settings,
     until,
 )
+from tests.proxy import FaultProxy
 from tests.rabbit_cluster import RabbitCluster, in_parallel
 from tests.rabbit_node import RabbitNode
 
@@ -163,6 +164,35 @@ async def test_connected_node_killed_mid_drain(
               f"reconnected after {time.monotonic() - t0:.2f}s: {moved}")
         tally = await ledger.account(wait=90)
         assert relay.alive, relay.log_tail()
+    assert tally.delivered == ROWS and tally.dead == 0
+    assert_key_order(consumer, where)
+
+
+async def test_node_cut_off_from_the_relay_silently(
+    schema: str, up: RabbitCluster, ledger: Ledger, relays: Callable[..., RelayProcess],
+) -> None:
+    """The relay's node stays in the cluster but the network between them goes silent (the
+    proxy holds every byte): the relay notices by its publish deadline, moves to the next node of
+    its list, and the rows it could not get confirmed are published again there."""
+    queue = support.unique("qq")
+    await declare_quorum(up.urls[0], queue)
+    first, *rest = up.nodes
+    with FaultProxy(first.port) as proxy:
+        settings = fault_settings(schema, amqp_url=",".join(
+            [proxy.url(first.url), *(n.url for n in rest)]), batch_size=200)
+        relay = relays(settings)
+        line = await relay.wait_log(r"broker connected", 30)
+        assert f":{proxy.port}/" in line, line
+        async with collecting(ledger, [queue], [rest[-1].url], **QUORUM) as consumer:
+            where = keyed_rows(ledger, settings, queue)
+            await until(lambda: len(consumer.distinct) > ROWS // 5, 60, "the drain under way")
+            t0 = time.monotonic()
+            await asyncio.to_thread(proxy.stall)
+            moved = await relay.wait_log(rf"broker connected.*127\.0\.0\.1:(?!{proxy.port}/)", 30)
+            print(f"\ncut off at {len(consumer.distinct)} delivered; relay on another node "
+                  f"{time.monotonic() - t0:.2f}s later: {moved}")
+            tally = await ledger.account(wait=90)
+            assert relay.alive, relay.log_tail()
     assert tally.delivered == ROWS and tally.dead == 0
     assert_key_order(consumer, where)
 
