@@ -113,9 +113,10 @@ def libpq_options(values: dict[str, str]) -> str:
 
 
 async def connect(
-    settings: Settings, *, autocommit: bool, purpose: str,
+    settings: Settings, *, autocommit: bool, purpose: str, writable: bool = True,
 ) -> psycopg.AsyncConnection[Any]:
-    """Open a connection with the relay's session settings and deadlines."""
+    """Open a connection with the relay's session settings and deadlines; unless ``writable``
+    is False (operator reads such as `outbox status`), refuse a read-only standby."""
     options = libpq_options(session_settings(settings))
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
@@ -124,7 +125,7 @@ async def connect(
                 connect_timeout=max(1, int(settings.db_timeout)),
                 application_name=f"outbox-{purpose}", options=options,
             )
-    if read_only(conn):
+    if writable and read_only(conn):
         # refused here rather than by the first claim, so the lane never reports the
         # database connected in between
         await conn.close()
@@ -251,7 +252,7 @@ class PgStore:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A short-lived autocommit connection for operator commands."""
-        conn = await connect(self.settings, autocommit=True, purpose="admin")
+        conn = await connect(self.settings, autocommit=True, purpose="admin", writable=False)
         try:
             with translate_errors("querying the outbox"):
                 yield conn

@@ -160,7 +160,7 @@ async def test_primary_killed_and_standby_promoted_mid_drain(
         for m, i, k in producers.committed:
             where[m] = (i, k)
         ledger.add([m for m, _, _ in producers.committed])
-        # a new row is woken for, not polled for: LISTEN and the flag are back
+        # a row inserted now, on the new primary, is delivered too
         late = insert(pair.url, schema, ["late"])
         ledger.add([late[0][0]])
         where[late[0][0]] = (late[0][1], "late")
@@ -210,7 +210,7 @@ async def test_relay_on_a_standby_says_so_once_and_drains_once_promoted(
     schema = support.unique("pgro")
     queue = QUEUE[0] = support.unique("q")
     port = support.free_port()
-    settings = migrated(pair, schema, http_port=port)
+    settings = migrated(pair, schema, http_port=port, stats_interval=60.0)
     ids = [m for m, _, _ in insert(pair.primary.url, schema, ["a"] * 20)]
     ledger = PairLedger("test_relay_on_a_standby_says_so_once_and_drains_once_promoted",
                         settings=settings)
@@ -225,7 +225,7 @@ async def test_relay_on_a_standby_says_so_once_and_drains_once_promoted(
         before = attempts(pair)
         body = await until(lambda: readyz(port), 30, "/readyz answering")
         assert READ_ONLY in body and '"ready":false' in body, body
-        # the lanes retry: several connection attempts, still one line
+        # the lanes retry: several connection attempts (few others: stats every 60 s), one line
         await until(lambda: attempts(pair) >= before + 3, 30, "the relay retrying")
         assert len(relay.logged("read-only standby")) == 1, relay.log_tail()
         assert not relay.logged("unexpected error"), relay.log_tail()
