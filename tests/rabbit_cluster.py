@@ -1,10 +1,10 @@
 """A private 3-node RabbitMQ cluster for tests that kill nodes under quorum queues.
 
-    with RabbitCluster(tmp_path).start() as cluster:   # nodes boot in parallel, then join
+    with RabbitCluster(tmp_path) as cluster:   # the first node boots, then the others join it
         cluster.url                     # amqp://…:p1,…:p2,…:p3 (OUTBOX_AMQP_URL's node list)
         cluster.urls                    # one URL per node
         cluster.leader(queue)           # the RabbitNode that leads a quorum queue now
-        cluster.kill(node); cluster.start(node)
+        cluster.kill(node); cluster.start_node(node)   # it rejoins from its own data
         cluster.restart_all()           # every node killed, then all started together
 
 Built on `tests.rabbit_node.RabbitNode`: the nodes run as the same user with the same HOME, so
