@@ -34,7 +34,7 @@ from outbox.exceptions import ConfigError, OutboxError
 from outbox.publisher import describe_refusal, with_defaults
 from outbox.settings import Settings, redact
 from outbox.sql import channel_name, for_schema
-from outbox.store import connect, session_settings, translate_errors
+from outbox.store import READ_ONLY, connect, session_settings, translate_errors
 
 # What migration 0001 creates; doctor reports anything missing or different.
 EXPECTED_INDEXES = {
@@ -144,8 +144,11 @@ class Doctor:
         try:
             conn = await connect(s, autocommit=True, purpose="doctor")
         except OutboxError as exc:
-            self.add(Level.FAIL, "database", str(exc),
-                     "check the host, port, credentials and sslmode of OUTBOX_DATABASE_URL")
+            if str(exc) == READ_ONLY:  # it names its own fix
+                self.add(Level.FAIL, "database", f"{where}: {exc}")
+            else:
+                self.add(Level.FAIL, "database", str(exc),
+                         "check the host, port, credentials and sslmode of OUTBOX_DATABASE_URL")
             return
         try:
             user, version, version_num, autovacuum = await self._one(conn, "doctor_server", {})

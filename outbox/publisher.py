@@ -402,6 +402,7 @@ class AmqpPublisher:
         collateral: list[int] = []
         channel_error = ""
         stalled = False
+        nacked = False
         for i, task in tasks.items():
             if task in pending:
                 task.cancel()
@@ -421,6 +422,7 @@ class AmqpPublisher:
                                     "returned")
             elif isinstance(error, amqp_exc.DeliveryError):
                 results[i] = Result(Outcome.FAILED, "nacked by the broker", "nack")
+                nacked = True
             elif isinstance(error, amqp_exc.ChannelClosed | amqp_exc.ChannelInvalidStateError):
                 collateral.append(i)
                 channel_error = str(error)
@@ -433,6 +435,8 @@ class AmqpPublisher:
                 log.error("unexpected publish error", exc_info=error)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if nacked:
+            await self._renew_channel(lane, channel)
         if stalled and not self.blocked:
             self._drop_connection(channel.connection, "no confirms within the deadline")
             return
@@ -447,6 +451,18 @@ class AmqpPublisher:
             for part in (collateral[:half], collateral[half:]):
                 if part:
                     await self._publish_into(rows, part, lane, results, deadline)
+
+    async def _renew_channel(self, lane: int, channel: aiormq.Channel) -> None:
+        """Close a lane's channel after the broker nacked rows on it: the next batch opens a new
+        one. A channel opened on a node in the moment before a quorum queue elects its new
+        leader goes on nacking every publish to that queue for a minute or more, while a new
+        channel gets acks; after a plain nack (a full queue rejecting publishes) a new channel
+        costs one round trip."""
+        if self._channels.get(lane) is channel:
+            del self._channels[lane]
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await channel.close()
 
 
 def _usable(conn: aiormq.abc.AbstractConnection) -> bool:

@@ -39,6 +39,7 @@ log = logging.getLogger("outbox.relay")
 
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 15.0
+FAILED_IDS_LOGGED = 5  # row ids named in the one "publish failed" line of a batch
 REFUSED_RETRY = 30.0  # a permanent refusal (bad password…) is retried slowly, never hammered
 SAFETY_POLLS = 2  # poll intervals between safety polls while wake-ups cover the sleeping lanes
 
@@ -270,15 +271,24 @@ class Relay:
 
     def _account(self, rows: list[Row], results: list[Result], s: Settlement,
                  confirmed_at: float) -> None:
+        failed: dict[str, list[tuple[Row, Result]]] = {}
         for row, res in zip(rows, results, strict=True):
             if res.outcome is Outcome.CONFIRMED:
                 metrics.COMMIT_TO_CONFIRM.observe(
                     max(0.0, confirmed_at - row.created_at.timestamp()))
             elif res.outcome is not Outcome.UNSETTLED:
                 metrics.FAILURES.labels(res.kind or "other").inc()
-                log.warning("publish failed", extra={"fields": {
-                    "row_id": row.id, "message_id": str(row.message_id),
-                    "attempt": row.attempts + 1, "reason": res.reason}})
+                failed.setdefault(res.kind or "other", []).append((row, res))
+        # one line per batch and kind of failure: a broker that nacks everything would
+        # otherwise write a line per row
+        for kind, items in failed.items():
+            attempts = [row.attempts + 1 for row, _ in items]
+            log.warning("publish failed", extra={"fields": {
+                "kind": kind, "rows": len(items),
+                "row_ids": [row.id for row, _ in items[:FAILED_IDS_LOGGED]],
+                "message_ids": [str(row.message_id) for row, _ in items[:FAILED_IDS_LOGGED]],
+                "attempts": [min(attempts), max(attempts)],
+                "reasons": sorted({res.reason for _, res in items})[:FAILED_IDS_LOGGED]}})
         metrics.PUBLISHED.inc(len(s.sent))
         metrics.DEAD.inc(len(s.dead_ids))
         metrics.RELEASED.inc(s.unsettled)

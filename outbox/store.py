@@ -36,6 +36,8 @@ _PERMANENT = re.compile(
     re.I,
 )
 LISTEN_PING = 30.0  # seconds of silence before the listener pings (TCP keepalives watch too)
+READ_ONLY = ("connected to a read-only standby; point OUTBOX_DATABASE_URL at the primary or add "
+             "target_session_attrs=read-write")
 JSON = "application/json"
 OCTETS = "application/octet-stream"
 
@@ -62,6 +64,10 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
     if isinstance(exc, (pgerrors.InsufficientPrivilege,
                         pgerrors.InvalidAuthorizationSpecification)):
         return PermanentRefusal(f"{what}: {_first_line(exc)}")
+    if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
+        # the same text whatever failed (a claim, LISTEN, the flag): one line in the log, and a
+        # retry, since a standby may be promoted
+        return StoreUnavailable(READ_ONLY)
     if isinstance(exc, psycopg.OperationalError):
         msg = _first_line(exc)
         if _PERMANENT.search(msg):
@@ -120,13 +126,14 @@ def libpq_options(values: dict[str, str]) -> str:
 
 
 async def connect(
-    settings: Settings, *, autocommit: bool, purpose: str,
+    settings: Settings, *, autocommit: bool, purpose: str, writable: bool = True,
 ) -> psycopg.AsyncConnection[Any]:
-    """Open a connection with the relay's session settings and deadlines."""
+    """Open a connection with the relay's session settings and deadlines; unless ``writable``
+    is False (operator reads such as `outbox status`), refuse a read-only standby."""
     options = libpq_options(session_settings(settings))
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
-            return await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 settings.database_url, autocommit=autocommit,
                 connect_timeout=max(1, int(settings.db_timeout)),
                 application_name=f"outbox-{purpose}", options=options,
@@ -134,6 +141,20 @@ async def connect(
                 # learns of it in seconds and pings (a transaction) only every LISTEN_PING
                 keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             )
+    if writable and read_only(conn):
+        # refused here rather than by the first claim, so the lane never reports the
+        # database connected in between
+        await conn.close()
+        raise StoreUnavailable(READ_ONLY)
+    return conn
+
+
+def read_only(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """The server said at connect time that it is a hot standby or read-only by default
+    (PostgreSQL 14+ reports both without a query; older servers fail the first write)."""
+    info = conn.info
+    return "on" in (info.parameter_status("in_hot_standby"),
+                    info.parameter_status("default_transaction_read_only"))
 
 
 def row_from_record(rec: Sequence[Any]) -> Row:
@@ -256,7 +277,7 @@ class PgStore:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A short-lived autocommit connection for operator commands."""
-        conn = await connect(self.settings, autocommit=True, purpose="admin")
+        conn = await connect(self.settings, autocommit=True, purpose="admin", writable=False)
         try:
             with translate_errors("querying the outbox"):
                 yield conn

@@ -176,6 +176,10 @@ class RabbitNode:
         )
         return env
 
+    def wait_ready(self) -> None:
+        """Until the node speaks AMQP (again: after ``rabbitmqctl start_app``)."""
+        self._wait_ready()
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

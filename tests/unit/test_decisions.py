@@ -375,3 +375,28 @@ async def test_without_the_flag_the_relay_warns_once_and_goes_on(
         warnings = [r for r in caplog.records if "no outbox_wakeup table" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
         assert relay.health.database
+
+
+async def test_failed_rows_are_logged_once_per_batch_and_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that nacks everything wrote one warning per row (thousands a second): now one
+    line per batch and kind of failure, with the count and a few row ids."""
+    store = InMemoryStore()
+    returned = store.insert("nowhere", {"x": 1})
+    rows(store, 9)
+    pub = StubPublisher(lambda r: Result(Outcome.FAILED, "returned: NO_ROUTE", "returned")
+                        if r.routing_key == "nowhere" else
+                        Result(Outcome.FAILED, "nacked by the broker", "nack"))
+    relay = Relay(SETTINGS, store, pub)
+    with caplog.at_level("WARNING", logger="outbox.relay"):
+        async with running(relay):
+            await wait_until(lambda: relay.counts.batches >= 1 and relay.counts.failed, 5)
+    first = [r for r in caplog.records if r.getMessage() == "publish failed"][:2]
+    fields = {f["kind"]: f for f in (getattr(r, "fields", {}) for r in first)}
+    assert set(fields) == {"nack", "returned"}
+    assert fields["nack"]["rows"] == 9 and len(fields["nack"]["row_ids"]) == 5
+    assert fields["returned"]["rows"] == 1 and fields["returned"]["row_ids"] == [returned.id]
+    assert fields["nack"]["reasons"] == ["nacked by the broker"]
+    batches = relay.counts.batches
+    assert len([r for r in caplog.records if r.getMessage() == "publish failed"]) <= 2 * batches

@@ -1,0 +1,169 @@
+"""A private PostgreSQL primary and streaming standby, for failover tests.
+
+    with PostgresPair() as pair:          # initdb, start, pg_basebackup -R, start the standby
+        pair.url                          # postgresql://…@h:p1,h:p2/postgres?target_session_attrs=read-write
+        pair.primary.url, pair.standby.url
+        pair.primary.kill()               # SIGKILL to the server's process group: a crash
+        pair.promote()                    # the standby becomes the primary
+
+The primary runs with ``synchronous_standby_names='*'`` (on its command line, so the standby does
+not inherit it through the base backup and hang every commit once promoted): a commit that waits
+(``synchronous_commit=on``, the producers' default) is on the standby when it returns, and a
+commit with ``synchronous_commit=off`` (the relay's) is not waited for. The server binaries are
+the benchmark's (`bench.postgres_node.binaries`). Only processes this class started are signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.postgres_node import binaries
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PgServer:
+    """One server process on a data directory (started, killed, promoted)."""
+
+    def __init__(self, base: Path, name: str, as_user: dict[str, Any],
+                 options: tuple[str, ...] = ()) -> None:
+        self.data = base / name
+        self.base = base
+        self.name = name
+        self.port = _free_port()
+        self.options = options
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._as = as_user
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 60.0) -> PgServer:
+        log = open(self.base / f"{self.name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        opts = [a for o in ("listen_addresses=127.0.0.1", "fsync=off", *self.options)
+                for a in ("-c", o)]
+        self.proc = subprocess.Popen(
+            [binaries() / "postgres", "-D", self.data, "-p", str(self.port), "-k", self.base,
+             *opts],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
+            start_new_session=True, **self._as)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.base / f"{self.name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"PostgreSQL {self.name} did not start:\n{tail}") \
+                        from None
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group (postmaster and backends): a crash."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)
+
+    def stop(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.kill()
+
+
+class PostgresPair:
+    """A primary and its streaming standby; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="outbox-pg-pair-"))
+        self._as: dict[str, Any] = {}
+        if os.geteuid() == 0:  # the server refuses to run as root
+            user = pwd.getpwnam("postgres")
+            os.chown(self.base, user.pw_uid, user.pw_gid)
+            self._as = {"user": user.pw_uid, "group": user.pw_gid}
+        self.primary = PgServer(self.base, "primary", self._as,
+                                ("synchronous_standby_names=*",))
+        self.standby = PgServer(self.base, "standby", self._as)
+
+    @property
+    def url(self) -> str:
+        """A libpq multi-host URL that finds whichever of the two accepts writes."""
+        return (f"postgresql://postgres@127.0.0.1:{self.primary.port},"
+                f"127.0.0.1:{self.standby.port}/postgres?target_session_attrs=read-write")
+
+    def start(self) -> PostgresPair:
+        subprocess.run([binaries() / "initdb", "-D", self.primary.data, "-U", "postgres",
+                        "-A", "trust", "--no-sync"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, cwd=self.base, **self._as)
+        self.primary.start()
+        subprocess.run([binaries() / "pg_basebackup", "-D", self.standby.data, "-R",
+                        "-X", "stream", "-c", "fast", "-h", "127.0.0.1",
+                        "-p", str(self.primary.port), "-U", "postgres"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=self.base, **self._as)
+        self.standby.start()
+        self.wait_streaming()
+        return self
+
+    def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Until the primary sees the standby streaming (synchronously)."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.primary.url, autocommit=True) as conn:
+            while True:
+                row = conn.execute("SELECT count(*) FROM pg_stat_replication "
+                                   "WHERE state = 'streaming' AND sync_state = 'sync'").fetchone()
+                if row and row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the standby is not streaming")
+                time.sleep(0.1)
+
+    def promote(self) -> None:
+        """The standby becomes the primary (waits until it accepts writes)."""
+        with psycopg.connect(self.standby.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_promote(wait => true, wait_seconds => 30)")
+
+    def close(self) -> None:
+        self.primary.stop()
+        self.standby.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.base)
+
+    def __enter__(self) -> PostgresPair:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
