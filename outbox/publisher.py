@@ -436,7 +436,7 @@ class AmqpPublisher:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if nacked:
-            await self._renew_channel(lane, channel)
+            self._renew_channel(lane, channel)
         if stalled and not self.blocked:
             self._drop_connection(channel.connection, "no confirms within the deadline")
             return
@@ -452,17 +452,17 @@ class AmqpPublisher:
                 if part:
                     await self._publish_into(rows, part, lane, results, deadline)
 
-    async def _renew_channel(self, lane: int, channel: aiormq.Channel) -> None:
-        """Close a lane's channel after the broker nacked rows on it: the next batch opens a new
-        one. A channel opened on a node in the moment before a quorum queue elects its new
+    def _renew_channel(self, lane: int, channel: aiormq.Channel) -> None:
+        """Give up a lane's channel after the broker nacked rows on it: the next batch opens a
+        new one. A channel opened on a node in the moment before a quorum queue elects its new
         leader goes on nacking every publish to that queue for a minute or more, while a new
         channel gets acks; after a plain nack (a full queue rejecting publishes) a new channel
-        costs one round trip."""
+        costs one round trip. Closed in the background, off the lane's path."""
         if self._channels.get(lane) is channel:
             del self._channels[lane]
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await channel.close()
+        task = asyncio.create_task(_close(channel), name="outbox-channel-close")
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
 
 def _usable(conn: aiormq.abc.AbstractConnection) -> bool:
@@ -471,12 +471,12 @@ def _usable(conn: aiormq.abc.AbstractConnection) -> bool:
     return not conn.is_closed and not frames.reader_died(conn)
 
 
-async def _close(conn: aiormq.abc.AbstractConnection) -> None:
+async def _close(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
     # With an explicit reason: aiormq's default throws CancelledError into every request
     # still in flight on it, which a lane would take for its own cancellation.
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CLOSE_TIMEOUT):
-            await conn.close(amqp_exc.ConnectionClosed(320, "closed by the relay"))
+            await closable.close(amqp_exc.ConnectionClosed(320, "closed by the relay"))
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")
