@@ -102,8 +102,9 @@ async def test_a_failing_row_retries_with_backoff_then_dies_without_stopping_oth
     await wait_until(lambda: len(store.rows) == 1, 5)
     assert bad.attempts == 1 and bad.available_at > now[0]  # pushed back, not spinning
     published_before = len(pub.published)
-    await asyncio.sleep(0.2)  # a window in which nothing may happen
-    assert len(pub.published) == published_before  # no retry before its time
+    claims = store.claims
+    await wait_until(lambda: store.claims >= claims + 3, 5)  # the relay looked again, and
+    assert len(pub.published) == published_before  # found nothing due: no retry before its time
     for _ in range(SETTINGS.max_attempts):
         now[0] += SETTINGS.retry_max + 1
         await wait_until(lambda: bad.dead or bad.available_at > now[0], 5)
@@ -121,8 +122,10 @@ async def test_no_claims_while_the_broker_is_unavailable() -> None:
     pub.connected = False
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    await asyncio.sleep(0.3)  # a window in which nothing may be claimed
-    assert pub.published == [] and all(r.locked_by is None for r in store.rows.values())
+    # every lane has asked the broker more than once: the point where it would have claimed
+    await wait_until(lambda: pub.waits >= 3 * SETTINGS.concurrency, 5)
+    assert store.claims == 0 and pub.published == []
+    assert all(r.locked_by is None for r in store.rows.values())
     assert not relay.ready
     pub.connected = True
     await wait_until(lambda: not store.rows, 5)
@@ -312,7 +315,28 @@ async def test_the_wakeup_flag_is_lowered_while_every_lane_is_busy(
         assert late and store.wakeup_changes == [False, True] and not store.rows
 
 
-async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
+async def test_the_flag_stays_raised_while_a_lane_sleeps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lane in flight, the other asleep: the flag task's decision, once the busy lane poked
+    it, is to keep the flag raised and to look again only when poked (no timer that would lower
+    it after LOWER_AFTER). The test awaits that decision instead of sleeping for nothing."""
+    events: list[object] = []  # "busy" when a lane claimed; then each decision of the task
+    wanted, busy = wakeup.WakeupFlag._wanted, wakeup.WakeupFlag.busy
+
+    def recorded(self: wakeup.WakeupFlag) -> tuple[bool, float | None]:
+        events.append(wanted(self))
+        return events[-1]  # type: ignore[return-value]
+
+    def busy_recorded(self: wakeup.WakeupFlag) -> None:
+        events.append("busy")
+        busy(self)
+
+    def since_busy() -> list[object]:
+        last = max(i for i, e in enumerate(events) if e == "busy")
+        return events[last + 1:]
+
+    monkeypatch.setattr(wakeup.WakeupFlag, "_wanted", recorded)
+    monkeypatch.setattr(wakeup.WakeupFlag, "busy", busy_recorded)
     store, pub = InMemoryStore(), GatedPublisher()
     pub.gate.set()
     settings = Settings.load({"concurrency": 2, "poll_interval": 30}, environ={})
@@ -321,10 +345,14 @@ async def test_the_flag_stays_raised_while_a_lane_sleeps() -> None:
         for i in range(5):
             store.insert("rk", {"i": i})
             await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
+        await wait_until(lambda: len(relay._sleeping) == 2, 5)
         pub.gate.clear()  # one lane held in flight far longer than LOWER_AFTER
+        pub.waiting.clear()
         store.insert("rk", {"i": 5})
-        await asyncio.sleep(3 * wakeup.LOWER_AFTER)  # a wait for nothing to happen
-        assert store.wakeup_changes == []
+        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await wait_until(since_busy, 5)  # the task has weighed the lane that went busy
+        assert len(relay._sleeping) == 1
+        assert set(since_busy()) == {(True, None)} and store.wakeup_changes == []
         pub.gate.set()
 
 
