@@ -349,14 +349,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "dropped, so that every poison row reaches the relay")
     p.add_argument("--deadline", type=float, default=None,
                    help="overall deadline in seconds; the run fails when it passes "
-                        "(default 120 + 10 per iteration)")
+                        "(default 300 + 15 per iteration)")
     p.add_argument("--drain-timeout", type=float, default=180.0,
                    help="seconds for the final drain (default 180)")
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
     if args.deadline is None:
-        args.deadline = 120 + 10 * args.iterations
+        args.deadline = 300 + 15 * args.iterations
     choice = {"all": list(POISON), "handled": list(HANDLED), "none": []}
     args.poison = choice.get(args.poison) or args.poison.split(",")
     unknown = set(args.poison) - set(POISON)
@@ -371,6 +371,10 @@ async def main(args: argparse.Namespace) -> int:
     print(f"chaos: seed {args.seed}, {args.iterations} iterations, {args.relays} relays, poison "
           f"{','.join(args.poison) or 'none'}, deadline {args.deadline:g}s", flush=True)
     code, failed = 1, ["iteration"]
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):  # end cleanly: no relay or node left behind
+        asyncio.get_running_loop().add_signal_handler(signum, main_task.cancel)
     try:
         async with asyncio.timeout(args.deadline):
             await chaos.run()
@@ -382,6 +386,9 @@ async def main(args: argparse.Namespace) -> int:
         code, failed = 2, ["deadline"]
     except (Failed, AssertionError) as exc:
         print(f"chaos: FAILED during iteration {chaos.iteration}: {exc}", file=sys.stderr)
+    except asyncio.CancelledError:
+        print(f"chaos: interrupted during iteration {chaos.iteration}", file=sys.stderr)
+        failed = ["interrupted"]
     finally:
         chaos.figures.setdefault("chaos_iterations", chaos.iteration)
         for name, value in chaos.figures.items():
