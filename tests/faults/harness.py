@@ -319,6 +319,10 @@ class Ledger:
         pending = {r[0] for r in rows if not r[1]}
         return dead, pending
 
+    def pending(self) -> set[str]:
+        """Message ids of the committed rows neither sent (nor deleted) nor dead."""
+        return self._rows()[1] & self.committed
+
     def settled(self) -> bool:
         """Every committed row is delivered or dead, and nothing is pending."""
         dead, pending = self._rows()
