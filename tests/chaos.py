@@ -398,8 +398,11 @@ async def main(args: argparse.Namespace) -> int:
         failed = ["interrupted"]
     finally:
         chaos.figures.setdefault("chaos_iterations", chaos.iteration)
-        for name, value in chaos.figures.items():
-            print(f"{name}: {value}")
+        first = ("chaos_iterations", "rows_committed", "delivered", *MUST_BE_ZERO[:2],
+                 "duplicates", "dead_expected", *MUST_BE_ZERO[2:])
+        for name in sorted(chaos.figures, key=lambda n: first.index(n) if n in first
+                           else len(first)):
+            print(f"{name}: {chaos.figures[name]}")
         chaos.close(failed=code != 0)
     if code == 0:
         shutil.rmtree(workdir, ignore_errors=True)
