@@ -88,6 +88,7 @@ async def test_each_key_arrives_in_id_order_through_kills_and_a_cut_broker(
             assert p.alive, p.log_tail()
         tally = await ledger.account()
 
+    assert len(pending_at) == KILLS + 1, "not every kill and cut happened"
     assert all(n > 0 for n in pending_at), "a fault came after the last row: nothing was tested"
     assert tally.delivered == producers.committed and tally.dead == 0
     keyed = {r.key for r in producers.rows.values()}
