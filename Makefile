@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.installed
 export OUTBOX_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 export OUTBOX_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 
-.PHONY: help install demo test test-unit test-integration test-faults lint bench bench-long clean
+.PHONY: help install demo test test-unit test-integration test-faults chaos lint bench bench-long clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,10 @@ test-integration: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/faults
+
+CHAOS_ITERATIONS ?= 100
+chaos: $(STAMP)  ## random faults while producers insert, then count (not in `make test`; CHAOS_ITERATIONS, CHAOS_SEED)
+	$(BIN)/python -m tests.chaos --iterations $(CHAOS_ITERATIONS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 lint: $(STAMP)  ## ruff and mypy --strict
 	$(BIN)/ruff check outbox tests bench

@@ -60,6 +60,7 @@ class InMemoryStore:
         self._wakers: list[Callable[[], None]] = []
         self.wakeups_wanted = True  # the flag the NOTIFY trigger reads (alembic/versions/0002)
         self.wakeup_changes: list[bool] = []  # every change of it, in order
+        self.claims = 0  # claims made, found rows or not: a test awaits the relay's next one
 
     def insert(self, routing_key: str, payload: Any = None, *, delay: float = 0.0,
                **fields: Any) -> StoredRow:
@@ -138,6 +139,7 @@ class InMemorySession:
 
     async def claim(self, limit: int) -> list[Row]:
         self.store.check()
+        self.store.claims += 1
         now = self.store.clock()
         picked: list[StoredRow] = []
         for row in sorted(self.store.rows.values(), key=lambda r: r.id):
@@ -206,12 +208,14 @@ class StubPublisher:
         self.published: list[Row] = []
         self.connected = True
         self.blocked = False
+        self.waits = 0  # calls of wait_ready: a test awaits the relay's next look at the broker
 
     @property
     def ready(self) -> bool:
         return self.connected and not self.blocked
 
     async def wait_ready(self, timeout: float) -> bool:
+        self.waits += 1
         deadline = time.monotonic() + timeout
         while not self.ready and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

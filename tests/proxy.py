@@ -32,9 +32,11 @@ class _Proxy(TCPProxy):
     """TCPProxy that can refuse new connections and survives a target that is down."""
 
     refusing = False
+    accepted = 0  # connections accepted so far (refused ones included)
 
     async def _handle_client(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         if self.refusing:
             writer.transport.abort()
             return
@@ -46,12 +48,19 @@ class _Proxy(TCPProxy):
             self.clients = {c for c in self.clients if c.server_writer is not None}
 
 
+def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A reset between proxied peers is what the proxy is for: not worth a traceback."""
+    if not isinstance(context.get("exception"), ConnectionError):
+        loop.default_exception_handler(context)
+
+
 class FaultProxy:
     """One TCP proxy in front of ``target_host:target_port``; see the module docstring."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self._proxy = _Proxy(target_host, target_port)
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_quiet)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"fault-proxy-{target_port}")
         self._gate: asyncio.Event | None = None
@@ -73,6 +82,11 @@ class FaultProxy:
     def connections(self) -> int:
         """How many proxied connections are open now."""
         return int(self._call(self._count()))
+
+    @property
+    def accepted(self) -> int:
+        """How many connections clients opened through the proxy so far (refused ones too)."""
+        return int(self._proxy.accepted)
 
     def upstream_ports(self) -> list[int]:
         """Local ports of the proxy's connections to the target (PostgreSQL's ``client_port``)."""

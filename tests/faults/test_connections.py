@@ -10,6 +10,8 @@ import asyncio
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import orjson
@@ -196,11 +198,25 @@ async def test_slow_links_deliver_everything_without_failures(
     assert tally.duplicates == 0 and tally.dead == 0
 
 
+def readyz(port: int) -> tuple[int, dict[str, object]]:
+    """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return int(r.status), orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), orjson.loads(e.read())
+    except OSError:
+        return 0, {}
+
+
 async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
     schema: str, queue: str, ledger: Ledger, relays: Callable[..., RelayProcess],
+    db_proxy: FaultProxy,
 ) -> None:
+    port = support.free_port()
     bad = fault_settings(schema, amqp_url=support.AMQP_URL.replace("guest:guest",
-                                                                   "guest:wrong"))
+                                                                   "guest:wrong"),
+                         http_port=port)
     async with collecting(ledger, [queue]):
         ledger.insert(settings=bad, n=10, routing_key=queue)
         relay = relays(bad)
@@ -209,20 +225,26 @@ async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
         print(f"\n{line}")
         assert "authentication failed" in record["error"], line
         assert "wrong" not in line  # the password is redacted
-        # retried slowly, reported once; the relay does not exit
-        await asyncio.sleep(2)
-        assert relay.alive
+        # retried slowly, reported once; the relay does not exit: it goes on serving its
+        # readiness, not ready, with the refusal as the broker's problem
+        await until(lambda: "authentication failed" in str(
+            readyz(port)[1].get("problems", "")), 15, "/readyz reporting the refusal")
+        assert readyz(port)[0] == 503 and relay.alive
         assert len(relay.logged(r"authentication failed")) == 1, relay.log_tail()
         assert support.count(bad, "sent_at IS NULL") == 10
         relay.kill()
         # a database that does not exist: the same, on the database side
-        missing = fault_settings(schema, database_url=support.DATABASE_URL.rsplit("/", 1)[0]
-                                 + "/no_such_database_outbox")
+        missing = fault_settings(schema, database_url=db_proxy.url(
+            support.DATABASE_URL.rsplit("/", 1)[0] + "/no_such_database_outbox"))
         relay = relays(missing)
         line = await relay.wait_log(r"database unavailable", 15)
         print(line)
         assert 'database "no_such_database_outbox" does not exist' in orjson.loads(line)["error"]
-        await asyncio.sleep(1)
+        # every connection has been refused (the lanes', the listener's, the backlog stats'
+        # and the wake-up flag's, all through the proxy): past the point where another part
+        # of the relay would have reported it again
+        await until(lambda: db_proxy.accepted >= missing.concurrency + 3, 15,
+                    "every part of the relay's connection attempt")
         assert relay.alive
         assert len(relay.logged(r"database unavailable")) == 1, relay.log_tail()
         relay.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import signal
 import time
@@ -36,11 +35,10 @@ async def test_relay_sigkill_at_random_points_loses_nothing(
             if support.count(settings, "sent_at IS NULL AND dead_at IS NULL") < 1500:
                 ledger.insert(settings, 1500, queue, start=10_000 * (i + 1))
             relay = relays(settings)
-            before = len(consumer.received)
-            # kill at a random point after it started publishing (mid-batch, usually)
-            await until(lambda b=before: len(consumer.received) > b,  # type: ignore[misc]
-                        15, "the relay publishing")
-            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            # kill at a random point of its drain, measured in rows delivered rather than in
+            # seconds (which a faster machine would spend past the last row): mid-batch, usually
+            await consumer.reached(consumer.count + rng.randrange(1, 2 * settings.batch_size),
+                                   15, "the relay publishing")
             relay.kill(signal.SIGKILL)
             assert await relay.wait(10) == -signal.SIGKILL
         # the killed relays' claims are released (their transactions rolled back): a last relay
