@@ -82,8 +82,9 @@ def test_rows_at_the_amqp_limits_are_accepted(settings: Settings) -> None:
 
 
 def test_revision_0003_keeps_old_rows_and_downgrades(schema: str) -> None:
-    """NOT VALID: rows written before the constraints stay (the relay parks them); the
-    downgrade drops exactly the constraints 0003 added."""
+    """Only inserts are checked: rows written before revision 0003 stay, and the relay can
+    still park or reschedule them (and `outbox dead retry` put them back). The downgrade
+    removes exactly what 0003 added."""
     settings = support.make_settings(schema)
     migrate.downgrade(settings, "0002")
     insert(settings, "routing_key, payload, created_at", "k" * 300, "{}", "-infinity")
@@ -92,6 +93,12 @@ def test_revision_0003_keeps_old_rows_and_downgrades(schema: str) -> None:
     with pytest.raises(errors.CheckViolation):
         insert(settings, "routing_key, payload", "k" * 300, "{}")
     assert support.count(settings) == 1
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        outbox = sql.SQL("{}.outbox").format(sql.Identifier(settings.schema))
+        for change in ("attempts = attempts + 1, available_at = now()",  # schedule_retry
+                       "dead_at = now(), last_error = 'parked'",  # park_dead
+                       "dead_at = NULL, attempts = 0"):  # dead_retry
+            conn.execute(sql.SQL("UPDATE {} SET " + change).format(outbox))
     migrate.downgrade(settings, "0002")
     insert(settings, "routing_key, payload", "k" * 300, "{}")
     migrate.upgrade(settings)
