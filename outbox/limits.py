@@ -29,7 +29,6 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FRAME_OVERHEAD = 8  # type, channel, size, frame-end: frame_max counts them
 HEADER_HEAD = 14  # class, weight, body size, property flags
 MESSAGE_ID = 1 + 36  # a uuid as a short string
-_SHORT_COLUMNS = ("exchange", "routing_key", "content_type", "message_type", "correlation_id")
 
 
 def problem(row: Row, headers: Mapping[str, Any] | None, frame_max: int,
@@ -37,16 +36,21 @@ def problem(row: Row, headers: Mapping[str, Any] | None, frame_max: int,
     """Why ``row`` cannot be published on a connection of this ``frame_max`` (0: no limit),
     or None. ``headers`` is ``row.headers`` as `parse_headers` read it."""
     frame = FRAME_OVERHEAD + HEADER_HEAD + 1 + MESSAGE_ID + 8  # delivery mode, id, timestamp
-    for column in _SHORT_COLUMNS:
-        value: str | None = getattr(row, column)
-        if value:
+    if app_id:
+        frame += 1 + len(app_id.encode())
+    if len(row.exchange) > 63 or len(row.routing_key) > 63:  # 4 bytes a character at most
+        for column, value in (("exchange", row.exchange), ("routing_key", row.routing_key)):
             size = _short_string(value)
             if size > SHORT_STRING:
                 return f"{column}: {size:,} bytes, over AMQP's short-string limit of 255"
-            if column not in ("exchange", "routing_key"):
-                frame += 1 + size
-    if app_id:
-        frame += 1 + len(app_id.encode())
+    for column, value in (("content_type", row.content_type),
+                          ("message_type", row.message_type),
+                          ("correlation_id", row.correlation_id)):
+        if value:  # properties: in the header frame unless empty
+            size = _short_string(value)
+            if size > SHORT_STRING:
+                return f"{column}: {size:,} bytes, over AMQP's short-string limit of 255"
+            frame += 1 + size
     created_at = row.created_at
     if created_at is None:
         return ("created_at: infinite or outside the years 1 to 9999, which no client can "
