@@ -43,11 +43,12 @@ def problem(row: Row, headers: Mapping[str, Any] | None, frame_max: int,
             size = _short_string(value)
             if size > SHORT_STRING:
                 return f"{column}: {size:,} bytes, over AMQP's short-string limit of 255"
-    for column, value in (("content_type", row.content_type),
-                          ("message_type", row.message_type),
-                          ("correlation_id", row.correlation_id)):
-        if value:  # properties: in the header frame unless empty
-            size = _short_string(value)
+    properties: tuple[tuple[str, str | None], ...] = (
+        ("content_type", row.content_type), ("message_type", row.message_type),
+        ("correlation_id", row.correlation_id))
+    for column, prop in properties:
+        if prop:  # properties: in the header frame unless empty
+            size = _short_string(prop)
             if size > SHORT_STRING:
                 return f"{column}: {size:,} bytes, over AMQP's short-string limit of 255"
             frame += 1 + size
