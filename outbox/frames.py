@@ -167,8 +167,7 @@ async def publish_pipelined(
     handling (ack → result; nack → DeliveryError; return → PublishError) or, when the channel
     closes, failed by `Pipelined.wait` with the channel's error. A message whose frames cannot
     be encoded (any error of the encoder) gets a future failed with `Unframable` and is not
-    sent. The benchmark's ceiling
-    uses this same function.
+    sent. The benchmark's ceiling uses this same function.
 
     This is what ``Channel.basic_publish(wait=False)`` does per message — register a
     confirmation future under the next delivery tag (and the message id, for returns), queue
