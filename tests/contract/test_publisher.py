@@ -61,6 +61,9 @@ def poison(case: str, queue: str) -> tuple[Row, str]:
     if case == "headers_deep":
         r.headers = '{"a":' * 600 + "1" + "}" * 600
         return r, "headers: nested 600 deep, over the limit of 100"
+    if case == "headers_deep_with_a_long_integer":  # read by the standard library's parser
+        r.headers = '{"n": 1234567890123456789, "a":' + '{"a":' * 600 + "1" + "}" * 601
+        return r, "headers: nested over 100 deep, over the limit of 100"
     if case == "header_float":
         r.headers = '{"f": 1e39}'
         return r, "headers.f: number 1e+39 is beyond the 32-bit float"
@@ -74,7 +77,8 @@ def poison(case: str, queue: str) -> tuple[Row, str]:
 
 @pytest.mark.parametrize("case", [
     "routing_key", "message_type", "created_at_before_1970", "created_at_unreadable",
-    "headers_over_frame_max", "headers_deep", "header_float", "header_int", "header_name"])
+    "headers_over_frame_max", "headers_deep", "headers_deep_with_a_long_integer",
+    "header_float", "header_int", "header_name"])
 async def test_a_row_amqp_cannot_carry_is_poison_alone(
         publisher_case: tuple[Publisher, str], case: str) -> None:
     """Parked at once with a reason naming the column and the limit; its batch-mates are
