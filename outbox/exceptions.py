@@ -52,3 +52,10 @@ class UnsupportedClient(OutboxError):
     moved attribute could otherwise hide a dead connection, a blocked broker, or let a returned
     message be marked sent.
     """
+
+
+class Unframable(OutboxError, ValueError):
+    """A row AMQP cannot carry as written (the message says which column and which limit).
+
+    It is parked dead at once: publishing it again can never succeed.
+    """

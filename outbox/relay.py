@@ -274,8 +274,9 @@ class Relay:
         failed: dict[str, list[tuple[Row, Result]]] = {}
         for row, res in zip(rows, results, strict=True):
             if res.outcome is Outcome.CONFIRMED:
-                metrics.COMMIT_TO_CONFIRM.observe(
-                    max(0.0, confirmed_at - row.created_at.timestamp()))
+                if row.created_at is not None:
+                    metrics.COMMIT_TO_CONFIRM.observe(
+                        max(0.0, confirmed_at - row.created_at.timestamp()))
             elif res.outcome is not Outcome.UNSETTLED:
                 metrics.FAILURES.labels(res.kind or "other").inc()
                 failed.setdefault(res.kind or "other", []).append((row, res))
