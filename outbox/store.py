@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -114,16 +114,19 @@ def session_settings(settings: Settings) -> dict[str, str]:
     }
 
 
-def libpq_options(values: dict[str, str]) -> str:
+def libpq_options(values: Mapping[str, str]) -> str:
     """Server settings as libpq's ``options`` connection parameter."""
     return " ".join(f"-c {name}={value}" for name, value in values.items())
 
 
 async def connect(
     settings: Settings, *, autocommit: bool, purpose: str,
+    session: Mapping[str, str] | None = None,
 ) -> psycopg.AsyncConnection[Any]:
-    """Open a connection with the relay's session settings and deadlines."""
-    options = libpq_options(session_settings(settings))
+    """Open a connection with the relay's session settings and deadlines: every connection of
+    outbox is opened here. ``session`` replaces the relay's `session_settings` (the consumer's
+    transactions run user code under other deadlines)."""
+    options = libpq_options(session_settings(settings) if session is None else session)
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
             return await psycopg.AsyncConnection.connect(
