@@ -50,7 +50,7 @@ def describe_connect_error(exc: BaseException) -> str:
     connect"."""
     if isinstance(exc, PERMANENT):
         return describe_refusal(exc)
-    return f"cannot connect ({exc or type(exc).__name__})"
+    return f"cannot connect ({str(exc) or type(exc).__name__})"
 
 
 async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:

@@ -22,6 +22,7 @@ from outbox.exceptions import (
     SchemaMissing,
     StoreUnavailable,
     WakeupFlagUnavailable,
+    first_line,
 )
 from outbox.ports import Stats, Writer
 from outbox.rows import Row, Settlement
@@ -61,9 +62,9 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
             "run `outbox migrate`")
     if isinstance(exc, (pgerrors.InsufficientPrivilege,
                         pgerrors.InvalidAuthorizationSpecification)):
-        return PermanentRefusal(f"{what}: {_first_line(exc)}")
+        return PermanentRefusal(f"{what}: {first_line(exc)}")
     if isinstance(exc, psycopg.OperationalError):
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if _PERMANENT.search(msg):
             return PermanentRefusal(f"{what}: {msg}")
         return StoreUnavailable(f"{what}: {msg}")
@@ -71,7 +72,7 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
         return StoreUnavailable(f"{what}: no answer from the database within the deadline")
     if isinstance(exc, (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
                         pgerrors.IdleInTransactionSessionTimeout, OSError)):
-        return StoreUnavailable(f"{what}: {_first_line(exc)}")
+        return StoreUnavailable(f"{what}: {first_line(exc)}")
     return None
 
 
@@ -89,11 +90,6 @@ async def deadline(conn: psycopg.AsyncConnection[Any], seconds: float) -> AsyncI
             yield
     finally:
         handle.cancel()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def session_settings(settings: Settings) -> dict[str, str]:
@@ -209,7 +205,7 @@ class PgSession:
                                                   prepare=True)
                 except (pgerrors.UndefinedTable, pgerrors.InsufficientPrivilege) as exc:
                     raise WakeupFlagUnavailable(
-                        f"the wake-up flag cannot be set ({_first_line(exc)}): run `outbox "
+                        f"the wake-up flag cannot be set ({first_line(exc)}): run `outbox "
                         "migrate`, then sql/roles.sql, to let the relay spare the producers "
                         "a NOTIFY while it is busy") from exc
         return cur.rowcount == 1
