@@ -9,8 +9,10 @@ vhost, a certificate that does not verify). The reads of aiormq's private parts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Sequence
+from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -68,6 +70,18 @@ async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:
         if isinstance(exc, PERMANENT):
             raise PermanentRefusal(problem) from exc
         raise BrokerUnavailable(problem) from exc
+
+
+class _Closable(Protocol):
+    async def close(self) -> object: ...
+
+
+async def close_quietly(what: _Closable, timeout: float = 2.0) -> None:
+    """Close a connection or channel that may be broken already: aiormq's close waits for the
+    peer, which a lost connection never answers, and any error means it is closed anyway."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await what.close()
 
 
 class Nodes:

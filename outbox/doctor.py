@@ -381,7 +381,7 @@ class Doctor:
                 if connected is None:
                     connected = conn
                 else:
-                    await _close(conn)
+                    await amqp.close_quietly(conn)
             level = Level.WARN if connected is not None else Level.FAIL
             for url, problem in failures:
                 self.add(level, "broker", f"{redact(url)}: {problem}",
@@ -395,7 +395,7 @@ class Doctor:
                     await self.probe_publish(connected, exchange)
         finally:
             if connected is not None:
-                await _close(connected)
+                await amqp.close_quietly(connected)
 
     async def probe_publish(self, conn: aiormq.abc.AbstractConnection, exchange: str) -> None:
         """Publish one empty, already-expired probe with ``mandatory`` and await its confirm."""
@@ -456,12 +456,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return "" if value is None else str(value)
-
-
-async def _close(conn: aiormq.abc.AbstractConnection) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(2):
-            await conn.close()
 
 
 async def diagnose(overrides: Mapping[str, Any], exchanges: Sequence[str] = (),

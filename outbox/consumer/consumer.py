@@ -18,7 +18,7 @@ from uuid import UUID
 import aiormq
 import psycopg
 
-from outbox.amqp import Nodes
+from outbox.amqp import Nodes, close_quietly
 from outbox.consumer.database import (
     _Database,
     _HandlerFailed,
@@ -62,7 +62,8 @@ class Consumer:
             inbox table, ``heartbeat``, ``db_timeout``, ``publish_timeout``; default: from the
             ``OUTBOX_*`` environment.
         session_factory: a SQLAlchemy ``async_sessionmaker``; the handler then gets a session.
-        connect: makes the psycopg connection (default: ``settings.database_url``).
+        connect: makes the psycopg connection (default: `outbox.store.connect` to
+            ``settings.database_url``, with `outbox.consumer.database.consumer_session_settings`).
         batch_handler: instead of ``handler``, ``async def batch_handler(tx, messages)`` called
             once per transaction with the batch's new messages (the fastest way to write effects).
         prefetch: unacked messages the broker may push (basic.qos).
@@ -202,9 +203,7 @@ class Consumer:
                 finally:
                     self.subscribed.clear()
                     self._connection = None
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(2.0):
-                            await conn.close()
+                    await close_quietly(conn)
                 if not self._stopping.is_set():
                     # backoff grows only while we fail to get back to consuming
                     failures = 1 if self._consumed else failures + 1
@@ -297,9 +296,7 @@ class Consumer:
             self.subscribed.clear()
             closing.cancel()
             for ch in (publish, channel):
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(2.0):
-                        await ch.close()
+                await close_quietly(ch)
 
     async def _next_batch(self, sub: _Subscription,
                           closing: asyncio.Future[Any]) -> list[aiormq.abc.DeliveredMessage] | None:
