@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,9 +28,8 @@ import psycopg
 from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
-from outbox import logs, migrate
-from outbox.exceptions import ConfigError, OutboxError
-from outbox.publisher import describe_refusal, with_defaults
+from outbox import amqp, logs, migrate
+from outbox.exceptions import BrokerUnavailable, ConfigError, OutboxError, PermanentRefusal
 from outbox.settings import Settings, redact
 from outbox.sql import channel_name, for_schema
 from outbox.store import READ_ONLY, connect, session_settings, translate_errors
@@ -373,16 +371,12 @@ class Doctor:
         failures: list[tuple[str, str]] = []
         try:
             for url in s.amqp_urls:
-                full = with_defaults(url, s.heartbeat, s.db_timeout)
+                full = amqp.with_defaults(url, s.heartbeat, s.db_timeout)
                 try:
-                    async with asyncio.timeout(s.db_timeout + 1):
-                        conn = await aiormq.connect(full)
-                except (amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
-                        amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError) as exc:
-                    failures.append((url, describe_refusal(exc)))
-                    continue
-                except Exception as exc:  # aiormq raises more than AMQPError mid-handshake
-                    failures.append((url, f"cannot connect ({exc or type(exc).__name__})"))
+                    conn = await amqp.connect(full, s.db_timeout + 1)
+                except (BrokerUnavailable, PermanentRefusal) as exc:
+                    # reported against the URL as configured, not with the defaults added
+                    failures.append((url, amqp.describe_connect_error(exc.__cause__ or exc)))
                     continue
                 props = conn.server_properties or {}
                 product = f"{_text(props.get('product'))} {_text(props.get('version'))}"
@@ -390,7 +384,7 @@ class Doctor:
                 if connected is None:
                     connected = conn
                 else:
-                    await _close(conn)
+                    await amqp.close_quietly(conn)
             level = Level.WARN if connected is not None else Level.FAIL
             for url, problem in failures:
                 self.add(level, "broker", f"{redact(url)}: {problem}",
@@ -404,7 +398,7 @@ class Doctor:
                     await self.probe_publish(connected, exchange)
         finally:
             if connected is not None:
-                await _close(connected)
+                await amqp.close_quietly(connected)
 
     async def probe_publish(self, conn: aiormq.abc.AbstractConnection, exchange: str) -> None:
         """Publish one empty, already-expired probe with ``mandatory`` and await its confirm."""
@@ -465,12 +459,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return "" if value is None else str(value)
-
-
-async def _close(conn: aiormq.abc.AbstractConnection) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(2):
-            await conn.close()
 
 
 async def diagnose(overrides: Mapping[str, Any], exchanges: Sequence[str] = (),

@@ -20,7 +20,7 @@ from uuid import UUID
 
 import orjson
 
-from outbox.sql import for_schema
+from outbox.sql import as_uuid, for_schema
 
 
 def event_params(
@@ -62,7 +62,7 @@ def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str =
         row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
     else:
         row = target.execute(_sqlalchemy_statement(schema), params).one()
-    return _uuid(row[0])
+    return as_uuid(row[0])
 
 
 async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
@@ -74,12 +74,8 @@ async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
         row = await cur.fetchone()
     else:
         row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
-    return _uuid(row[0])
+    return as_uuid(row[0])
 
 
 def _is_psycopg(target: Any) -> bool:
     return type(target).__module__.startswith("psycopg")
-
-
-def _uuid(value: Any) -> UUID:
-    return value if isinstance(value, UUID) else UUID(str(value))

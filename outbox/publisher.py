@@ -27,57 +27,32 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 from collections.abc import Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
 from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
 from outbox import frames, limits, metrics
+from outbox.amqp import PERMANENT, describe_connect_error, describe_refusal, with_defaults
 from outbox.exceptions import BrokerUnavailable, OutboxError, Unframable, UnsupportedClient
 from outbox.limits import parse_headers
-from outbox.retry import backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings, redact
 
 log = logging.getLogger("outbox.publisher")
 T = TypeVar("T")
 
-RECONNECT_BASE = 0.2
-RECONNECT_CAP = 15.0
-REFUSED_RETRY = 30.0
 WATCH_INTERVAL = 1.0  # how often a live connection's reader task is checked
 CLOSE_TIMEOUT = 1.0  # a connection given up is closed politely for this long at most
 _CONFIRMED = Result.confirmed()
 # what a dying connection raises into a request in flight (besides CancelledError)
 _CONNECTION_ERRORS = (amqp_exc.AMQPError, OSError, EOFError, TimeoutError)
-_PERMANENT = (
-    amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
-    amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
-)
 # the broker closes the connection for what a frame holds: one row's content may be the cause
 _CONTENT_CLOSE = (amqp_exc.ConnectionFrameError, amqp_exc.ConnectionSyntaxError,
                   amqp_exc.ConnectionUnexpectedFrame)
-
-
-def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
-    """Add the heartbeat and connect timeout to an AMQP URL unless it sets them itself."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.setdefault("heartbeat", str(heartbeat))
-    query.setdefault("timeout", str(max(1, round(timeout))))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def describe_refusal(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS verification failed: {exc.verify_message or exc}"
-    if isinstance(exc, amqp_exc.ConnectionNotAllowed):
-        return f"access refused (unknown vhost or no permission): {exc}"
-    return f"authentication failed (check the user and password): {exc}"
 
 
 class AmqpPublisher:
@@ -211,7 +186,7 @@ class AmqpPublisher:
             try:
                 async with asyncio.timeout(self.settings.db_timeout + 1):
                     conn = await aiormq.connect(url)
-            except _PERMANENT as exc:
+            except PERMANENT as exc:
                 self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
                 index += 1
                 await asyncio.sleep(REFUSED_RETRY)
@@ -219,7 +194,7 @@ class AmqpPublisher:
             except Exception as exc:  # aiormq also raises StopAsyncIteration,
                 # RuntimeError… when the peer closes during the handshake: all mean "no connection"
                 failures += 1
-                self._set_problem(f"broker {redact(url)}: cannot connect ({exc or type(exc)})")
+                self._set_problem(f"broker {redact(url)}: {describe_connect_error(exc)}")
                 index += 1
                 await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 continue

@@ -4,11 +4,15 @@ service fails the run instead of skipping it."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from outbox.settings import Settings
 from tests import support
@@ -58,3 +62,29 @@ async def queue() -> AsyncIterator[str]:
     await support.declare_queue(name)
     yield name
     await support.delete_queues([name])
+
+
+@pytest.fixture
+def roles(schema: str) -> Iterator[dict[str, str]]:
+    """The roles of sql/roles.sql, created by psql for the fresh schema; dropped afterwards."""
+    tag = support.unique("r")
+    names = {"relay_role": f"{tag}_relay", "producer_role": f"{tag}_producer",
+             "consumer_role": f"{tag}_consumer"}
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.fail("psql is needed to run sql/roles.sql (it uses psql variables)")
+    cmd = [psql, support.DATABASE_URL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v",
+           f"schema={schema}", "-f", str(support.ROOT / "sql" / "roles.sql")]
+    for var, value in names.items():
+        cmd += ["-v", f"{var}={value}"]
+    try:
+        for _ in range(2):  # the script can be run again
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        yield names
+    finally:
+        with psycopg.connect(support.DATABASE_URL, autocommit=True) as conn:
+            for role in names.values():
+                ident = sql.Identifier(role)
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+                    conn.execute(sql.SQL("DROP ROLE {}").format(ident))

@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiormq
@@ -19,6 +20,7 @@ from psycopg import sql
 from outbox import migrate
 from outbox.settings import Settings
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -204,3 +206,9 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(5)
+
+
+def as_role(role: str) -> str:
+    """The test database's URL, connecting as ``role`` (no password: trust auth)."""
+    parts = DATABASE_URL.split("://", 1)[1].split("@", 1)[-1]
+    return f"postgresql://{role}@{parts}"

@@ -25,9 +25,8 @@ from outbox.doctor import Doctor, Level
 from outbox.settings import Settings
 from outbox.store import PgStore, connect
 from tests import support
-from tests.integration.test_deploy import as_role
-from tests.integration.test_deploy import roles as roles  # the fixture
 from tests.integration.test_http import metric
+from tests.support import as_role
 
 pytestmark = pytest.mark.timeout(180)
 
