@@ -157,9 +157,10 @@ def cmd_dead(args: argparse.Namespace) -> int:
         if not rows:
             print("no dead rows")
         for r in rows:
+            age = "-" if r["age_seconds"] is None else f"{r['age_seconds']:.0f}s"  # infinite
             print(f"{r['id']}\t{r['message_id']}\t{r['exchange'] or '(default)'}\t"
                   f"{r['routing_key']}\tkey={r['ordering_key'] or '-'}\tattempts={r['attempts']}\t"
-                  f"age={r['age_seconds']:.0f}s\t{r['last_error']}")
+                  f"age={age}\t{r['last_error']}")
         return 0
     query = "dead_retry" if args.action == "retry" else "dead_discard"
     changed = _run(store.execute(query, _selector(args, require=True)))

@@ -43,3 +43,10 @@ class WakeupFlagUnavailable(OutboxError):
 
     The relay then leaves it raised: every insert sends a NOTIFY, as before the flag existed.
     """
+
+
+class Unframable(OutboxError, ValueError):
+    """A row AMQP cannot carry as written (the message says which column and which limit).
+
+    It is parked dead at once: publishing it again can never succeed.
+    """

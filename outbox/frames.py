@@ -19,6 +19,8 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp import encode as amqp_encode
 
+from outbox.exceptions import Unframable
+
 
 def reader_died(conn: aiormq.abc.AbstractConnection) -> bool:
     """True when aiormq's frame reader has ended: the connection is dead, whatever it says."""
@@ -134,13 +136,27 @@ def _header_frame(number: int, props: spec.Basic.Properties, body_size: int) -> 
 
 def marshal_message(number: int, body: bytes, exchange: str, routing_key: str,
                     props: spec.Basic.Properties, max_size: int) -> bytes:
-    """The frames of one ``basic.publish`` with its content, as bytes on the wire."""
-    frames = [_publish_frame(number, exchange, routing_key),
-              _header_frame(number, props, len(body))]
+    """The frames of one ``basic.publish`` with its content, as bytes on the wire.
+
+    Raises `Unframable` for a header frame larger than the connection's frame_max
+    (``max_size`` + 8): the broker would close the whole connection for it (501)."""
+    header = _header_frame(number, props, len(body))
+    if len(header) > max_size + 8:
+        raise Unframable(f"headers: a header frame of {len(header):,} bytes, over the "
+                         f"connection's frame_max of {max_size + 8:,}")
+    frames = [_publish_frame(number, exchange, routing_key), header]
     for i in range(0, len(body), max_size):
         part = body[i:i + max_size]
         frames += (_FRAME_HEAD.pack(3, number, len(part)), part, _FRAME_END)
     return b"".join(frames)
+
+
+def _unframable(exc: Exception) -> Unframable:
+    if isinstance(exc, Unframable):
+        return exc
+    error = Unframable(f"cannot be encoded as AMQP: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 async def publish_pipelined(
@@ -150,8 +166,8 @@ async def publish_pipelined(
     frame buffer, and return one confirm future per message, resolved by aiormq's confirm
     handling (ack → result; nack → DeliveryError; return → PublishError) or, when the channel
     closes, failed by `Pipelined.wait` with the channel's error. A message whose frames cannot
-    be encoded gets a future failed with that error and is not sent. The benchmark's ceiling
-    uses this same function.
+    be encoded (any error of the encoder) gets a future failed with `Unframable` and is not
+    sent. The benchmark's ceiling uses this same function.
 
     This is what ``Channel.basic_publish(wait=False)`` does per message — register a
     confirmation future under the next delivery tag (and the message id, for returns), queue
@@ -178,8 +194,9 @@ async def publish_pipelined(
                 try:
                     data = marshal_message(number, body, exchange, routing_key, props, max_size)
                 except Exception as exc:  # an unencodable row fails alone: poison
+                    # (whatever the encoder raised: RecursionError, struct.error, OverflowError…)
                     failed = loop.create_future()
-                    failed.set_exception(exc)
+                    failed.set_exception(_unframable(exc))
                     futures.append(failed)
                     continue
                 tag += 1

@@ -9,8 +9,13 @@ deadline. aiormq's sharp edges, handled here:
   unconfirmed rows are bisected on fresh channels until the row that closes a channel alone is
   found; it fails, the others are confirmed.
 * returns are matched to confirms by ``message_id`` (ours are unique per row).
-* a frame that cannot be encoded (header value AMQP has no type for, a property over 255 bytes)
-  raises before anything is sent: that row is poison, the batch goes on.
+* a row AMQP cannot carry (a property over 255 bytes, a timestamp before 1970, headers too deep,
+  of a number AMQP has no type for, or larger than the connection's frame_max: `outbox.limits`)
+  is poison before anything is sent, and so is a row whose frames fail to encode for any other
+  reason; the batch goes on.
+* when the broker closes the whole connection for a frame's content (501 frame error, 502 syntax
+  error, 505 unexpected frame), the rows in flight are published again on a private connection,
+  in halves, until the row that closes a connection alone is found: it is poison.
 
 The frames themselves are marshalled and written by `outbox.frames`, the one module that reads
 aiormq's private parts.
@@ -20,22 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-import re
 import ssl
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
-import orjson
 from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
-from outbox import frames, metrics
-from outbox.exceptions import BrokerUnavailable
+from outbox import frames, limits, metrics
+from outbox.exceptions import BrokerUnavailable, Unframable
+from outbox.limits import parse_headers
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings, redact
@@ -51,6 +53,9 @@ _PERMANENT = (
     amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
     amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
 )
+# the broker closes the connection for what a frame holds: one row's content may be the cause
+_CONTENT_CLOSE = (amqp_exc.ConnectionFrameError, amqp_exc.ConnectionSyntaxError,
+                  amqp_exc.ConnectionUnexpectedFrame)
 
 
 def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
@@ -233,24 +238,32 @@ class AmqpPublisher:
 
     async def _publish_into(
         self, rows: Sequence[Row], indices: list[int], lane: int,
-        results: list[Result | None], deadline: float,
+        results: list[Result | None], deadline: float, isolation: _Isolation | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         if remaining <= 0:
             return  # UNSETTLED: tried again in a later batch, no attempt counted
         try:
-            channel = await self._channel(lane)
+            if isolation is None:
+                channel = await self._channel(lane)
+            else:
+                channel = await isolation.channel(remaining)
         except BrokerUnavailable:
             return
+        frame_max = channel.connection.connection_tune.frame_max
         sendable: list[int] = []
         messages: list[frames.Message] = []
         for i in indices:
             row = rows[i]
             try:
                 props = self.properties(row)
-            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
-                results[i] = Result(Outcome.POISON, f"headers cannot be sent: {exc}", "poison")
+                reason = limits.problem(row, props.headers, frame_max, self.settings.app_id)
+            except Exception as exc:  # not only ValueError: RecursionError, OverflowError…
+                reason = str(exc) if isinstance(exc, Unframable) else (
+                    f"cannot be encoded as AMQP: {type(exc).__name__}: {exc}")
+            if reason:
+                results[i] = Result(Outcome.POISON, reason, "poison")
                 continue
             sendable.append(i)
             messages.append((row.body, row.exchange, row.routing_key, props))
@@ -262,7 +275,9 @@ class AmqpPublisher:
         except TimeoutError:
             # The write queue stayed full: nothing was sent (UNSETTLED). Unless the broker
             # blocks publishers, the connection is stalled: start over on a new one.
-            if not self.blocked:
+            if isolation is not None:
+                await isolation.close()
+            elif not self.blocked:
                 log.warning("cannot write to the broker within the deadline: reconnecting")
                 await self._drop_connection()
             return
@@ -273,6 +288,8 @@ class AmqpPublisher:
         pipelined.forget()
         collateral: list[int] = []
         channel_error = ""
+        suspects: list[int] = []  # in flight when the broker closed the connection for content
+        connection_error = ""
         stalled = False
         for i, task in tasks.items():
             if task in pending:
@@ -296,21 +313,30 @@ class AmqpPublisher:
             elif isinstance(error, amqp_exc.ChannelClosed | amqp_exc.ChannelInvalidStateError):
                 collateral.append(i)
                 channel_error = str(error)
-            elif isinstance(error, TypeError | ValueError):
-                results[i] = Result(Outcome.POISON, f"cannot be encoded as AMQP: {error}",
-                                    "poison")
+            elif isinstance(error, Unframable):
+                results[i] = Result(Outcome.POISON, str(error), "poison")
+            elif isinstance(error, _CONTENT_CLOSE):
+                suspects.append(i)
+                connection_error = str(error)
             elif isinstance(error, amqp_exc.AMQPConnectionError | ConnectionError):
                 pass  # UNSETTLED
             else:
+                # counted, so that even an error nobody foresaw ends in dead after N attempts
                 log.error("unexpected publish error", exc_info=error)
+                results[i] = Result(Outcome.FAILED, f"unexpected publish error: {error!r}",
+                                    "other")
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if stalled and isolation is not None:
+            await isolation.close()
+            return
         if stalled and not self.blocked:
             log.warning("no confirms within the deadline: reconnecting")
             await self._drop_connection()
             return
         if collateral:
-            self._channels.pop(lane, None)
+            if isolation is None:
+                self._channels.pop(lane, None)
             if len(indices) == 1:
                 results[indices[0]] = Result(
                     Outcome.FAILED, f"channel closed by the broker: {channel_error}", "channel")
@@ -319,30 +345,40 @@ class AmqpPublisher:
             half = (len(collateral) + 1) // 2
             for part in (collateral[:half], collateral[half:]):
                 if part:
-                    await self._publish_into(rows, part, lane, results, deadline)
+                    await self._publish_into(rows, part, lane, results, deadline, isolation)
+        if suspects:
+            await self._isolate(rows, suspects, sendable, lane, results, deadline, isolation,
+                                connection_error)
 
-
-_LONG_DIGITS = re.compile(r"\d{19}")
-
-
-def parse_headers(text: str) -> dict[str, Any]:
-    """The headers jsonb as a dict; raises ValueError for an integer AMQP cannot carry.
-
-    orjson turns an integer beyond 64 bits into a float without a word, which would publish a
-    different value than the producer wrote; so text with a 19-digit run is parsed again by the
-    standard library, which keeps integers exact, and the range is checked.
-    """
-    headers: dict[str, Any] = orjson.loads(text)
-    if _LONG_DIGITS.search(text):
-        headers = json.loads(text, parse_int=_amqp_int)
-    return headers
-
-
-def _amqp_int(text: str) -> int:
-    value = int(text)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"integer {text} is outside AMQP's signed 64-bit range")
-    return value
+    async def _isolate(
+        self, rows: Sequence[Row], suspects: list[int], sent: list[int], lane: int,
+        results: list[Result | None], deadline: float, isolation: _Isolation | None,
+        error: str,
+    ) -> None:
+        """The broker closed a connection for a frame's content while ``suspects`` were in
+        flight (``sent`` were published together). On the shared connection the culprit may
+        be any lane's row, so the suspects are published again on a private connection; there,
+        they are bisected until the row that closes a connection alone is found: it is poison.
+        The others are confirmed as usual. Bounded by the batch's deadline."""
+        if isolation is not None and len(sent) == 1:
+            results[sent[0]] = Result(
+                Outcome.POISON, f"the broker closes the connection for this row: {error}",
+                "poison")
+            return
+        if isolation is not None:
+            half = (len(suspects) + 1) // 2
+            for part in (suspects[:half], suspects[half:]):
+                if part:
+                    await self._publish_into(rows, part, lane, results, deadline, isolation)
+            return
+        log.warning("the broker closed the connection for a frame's content: publishing the "
+                    "rows in flight again, apart, to find the one", extra={"fields": {
+                        "lane": lane, "rows": len(suspects), "error": error}})
+        private = _Isolation(self.current_url or self.urls[0])
+        try:
+            await self._publish_into(rows, suspects, lane, results, deadline, private)
+        finally:
+            await private.close()
 
 
 def _reply(exc: amqp_exc.PublishError) -> str:
@@ -350,3 +386,39 @@ def _reply(exc: amqp_exc.PublishError) -> str:
     code = getattr(frame, "reply_code", "")
     text = getattr(frame, "reply_text", "")
     return f"{code} {text}".strip() or str(exc)
+
+
+class _Isolation:
+    """A private connection for rows suspected of closing a connection (`_isolate`): a close of
+    it can only come from them, and the lanes on the shared connection are not disturbed."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.Channel | None = None
+
+    async def channel(self, timeout: float) -> aiormq.Channel:
+        """A confirm-mode channel on the private connection, connecting (again) if need be;
+        raises BrokerUnavailable."""
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        try:
+            async with asyncio.timeout(timeout):
+                if self.connection is None or self.connection.is_closed:
+                    await self.close()
+                    self.connection = await aiormq.connect(self.url)
+                opened = await self.connection.channel(
+                    publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:  # as in _supervise: every failure means "no connection"
+            raise BrokerUnavailable(f"cannot open a connection to isolate a row: {exc}") \
+                from exc
+        assert isinstance(opened, aiormq.Channel)
+        self._channel = opened
+        return opened
+
+    async def close(self) -> None:
+        conn, self.connection, self._channel = self.connection, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await conn.close()

@@ -8,7 +8,8 @@
 -- only if written by a transaction older than every one still running; found by hopping from key
 -- to key in hash order from a random point, one index probe per key (docs/ordering.md). A coin
 -- decides whether keyed heads or unkeyed rows fill the batch first, so neither starves the other.
--- The batch is returned in id order.
+-- The batch is returned in id order. A created_at no client can read (infinite, BC, year 10000 on;
+-- a day of margin for the session's time zone) comes back null: the relay parks that row.
 WITH RECURSIVE
 draw AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon,
@@ -51,7 +52,8 @@ keyed AS (
     SELECT l.* FROM heads w, draw, LATERAL (
         SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
                o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
-               o.message_type, o.correlation_id, o.created_at, o.attempts
+               o.message_type, o.correlation_id, CASE WHEN o.created_at > '0001-01-02' AND o.created_at < '9999-12-30'
+                    THEN o.created_at END AS created_at, o.attempts
           FROM {schema}.outbox o
          WHERE o.id = w.id AND o.sent_at IS NULL AND o.dead_at IS NULL
            AND o.available_at <= now() AND o.xact_id < draw.horizon
@@ -64,7 +66,8 @@ SELECT c.* FROM (
     SELECT * FROM (
         SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
                o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
-               o.message_type, o.correlation_id, o.created_at, o.attempts
+               o.message_type, o.correlation_id, CASE WHEN o.created_at > '0001-01-02' AND o.created_at < '9999-12-30'
+                    THEN o.created_at END AS created_at, o.attempts
           FROM {schema}.outbox o
          WHERE o.ordering_key IS NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
            AND o.available_at <= now()
@@ -147,7 +150,8 @@ SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
        count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL) AS blocked_keys,
        count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
        coalesce(extract(epoch FROM now() - min(created_at)
-                        FILTER (WHERE sent_at IS NULL AND dead_at IS NULL)), 0)::float8
+                        FILTER (WHERE sent_at IS NULL AND dead_at IS NULL
+                                AND isfinite(created_at))), 0)::float8
          AS oldest_pending_age_seconds
   FROM {schema}.outbox;
 
@@ -155,7 +159,8 @@ SELECT count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,
 -- Dead rows, oldest first, optionally filtered by id and routing key.
 SELECT id, message_id, exchange, routing_key, ordering_key, attempts, last_error,
        extract(epoch FROM now() - dead_at)::float8 AS dead_for_seconds,
-       extract(epoch FROM now() - created_at)::float8 AS age_seconds
+       CASE WHEN isfinite(created_at) THEN extract(epoch FROM now() - created_at)::float8
+       END AS age_seconds
   FROM {schema}.outbox
  WHERE dead_at IS NOT NULL
    AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))

@@ -301,8 +301,9 @@ class Relay:
                  confirmed_at: float) -> None:
         for row, res in zip(rows, results, strict=True):
             if res.outcome is Outcome.CONFIRMED:
-                metrics.COMMIT_TO_CONFIRM.observe(
-                    max(0.0, confirmed_at - row.created_at.timestamp()))
+                if row.created_at is not None:
+                    metrics.COMMIT_TO_CONFIRM.observe(
+                        max(0.0, confirmed_at - row.created_at.timestamp()))
             elif res.outcome is not Outcome.UNSETTLED:
                 metrics.FAILURES.labels(res.kind or "other").inc()
                 log.warning("publish failed", extra={"fields": {

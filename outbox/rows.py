@@ -22,7 +22,7 @@ class Row:
     ordering_key: str | None
     message_type: str | None
     correlation_id: str | None
-    created_at: datetime
+    created_at: datetime | None  # None: infinite or beyond what a client can read (claim)
     attempts: int
 
 

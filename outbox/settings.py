@@ -156,6 +156,10 @@ class Settings:
             raise ConfigError(
                 f"OUTBOX_SCHEMA={self.schema!r} is not a plain identifier "
                 "(letters, digits and _, at most 63 characters)")
+        if len(self.app_id.encode()) > 255:
+            raise ConfigError(
+                f"OUTBOX_APP_ID: {len(self.app_id.encode())} bytes, over AMQP's short-string "
+                "limit of 255")
         if self.retry_max < self.retry_base:
             raise ConfigError(
                 f"OUTBOX_RETRY_MAX ({self.retry_max}) is smaller than OUTBOX_RETRY_BASE "

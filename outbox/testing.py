@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from outbox import limits
 from outbox.exceptions import StoreUnavailable
 from outbox.relay import Stats
 from outbox.rows import Outcome, Result, Row, Settlement
@@ -191,14 +192,21 @@ class InMemorySession:
 
 
 class StubPublisher:
-    """A `Publisher` that records what it was given and answers with ``rule(row)``."""
+    """A `Publisher` that records what it was given and answers with ``rule(row)``.
+
+    Like `AmqpPublisher`, it parks a row AMQP cannot carry (`outbox.limits`) as POISON before
+    anything else, whatever the rule says."""
 
     def __init__(self, rule: Callable[[Row], Result] | None = None,
-                 routable: set[str] | None = None) -> None:
+                 routable: set[str] | None = None, *, frame_max: int = 131_072,
+                 app_id: str = "outbox") -> None:
         """``routable``: routing keys the default exchange can route (others come back as
-        returned, like RabbitMQ's NO_ROUTE); ``rule`` overrides it for any row."""
+        returned, like RabbitMQ's NO_ROUTE); ``rule`` overrides it for any row. ``frame_max``:
+        the connection's, as negotiated (RabbitMQ's default)."""
         self.routable = routable
         self.rule = rule or self._route
+        self.frame_max = frame_max
+        self.app_id = app_id
         self.published: list[Row] = []
         self.connected = True
         self.blocked = False
@@ -220,5 +228,12 @@ class StubPublisher:
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
         await asyncio.sleep(0)
-        self.published.extend(rows)
-        return [self.rule(r) for r in rows]
+        results: list[Result] = []
+        for row in rows:
+            reason = limits.row_problem(row, self.frame_max, self.app_id)
+            if reason:
+                results.append(Result(Outcome.POISON, reason, "poison"))
+            else:
+                self.published.append(row)
+                results.append(self.rule(row))
+        return results

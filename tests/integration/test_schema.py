@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
+from outbox import migrate
 from outbox.settings import Settings
 from tests import support
 
@@ -40,6 +41,28 @@ def test_the_minimal_insert_from_any_language_works(settings: Settings) -> None:
     ("routing_key, payload", ("", "{}"), "outbox_routing_key_not_empty"),
     ("routing_key, payload, ordering_key", ("rk", "{}", ""),
      "outbox_ordering_key_not_empty"),
+    # what AMQP cannot carry (alembic/versions/0003)
+    ("routing_key, payload", ("é" * 128, "{}"), "outbox_routing_key_at_most_255_bytes"),
+    ("routing_key, payload, exchange", ("rk", "{}", "x" * 256),
+     "outbox_exchange_at_most_255_bytes"),
+    ("routing_key, payload, content_type", ("rk", "{}", "x" * 256),
+     "outbox_content_type_at_most_255_bytes"),
+    ("routing_key, payload, message_type", ("rk", "{}", "x" * 256),
+     "outbox_message_type_at_most_255_bytes"),
+    ("routing_key, payload, correlation_id", ("rk", "{}", "x" * 256),
+     "outbox_correlation_id_at_most_255_bytes"),
+    ("routing_key, payload, created_at", ("rk", "{}", "1969-12-31 23:59:59+00"),
+     "outbox_created_at_from_1970"),
+    ("routing_key, payload, created_at", ("rk", "{}", "infinity"),
+     "outbox_created_at_from_1970"),
+    ("routing_key, payload, created_at", ("rk", "{}", "-infinity"),
+     "outbox_created_at_from_1970"),
+    ("routing_key, payload, created_at", ("rk", "{}", "9999-01-01 00:00:00+00"),
+     "outbox_created_at_from_1970"),
+    ("routing_key, payload, headers", ("rk", "{}", '{"a":' * 101 + "1" + "}" * 101),
+     "outbox_headers_at_most_100_deep"),
+    ("routing_key, payload, headers", ("rk", "{}", '{"a":' + "[" * 100 + "1" + "]" * 100 + "}"),
+     "outbox_headers_at_most_100_deep"),
 ])
 def test_bad_rows_are_refused_by_a_named_constraint(settings: Settings, columns: str,
                                                     values: tuple[object, ...],
@@ -47,6 +70,39 @@ def test_bad_rows_are_refused_by_a_named_constraint(settings: Settings, columns:
     with pytest.raises(errors.CheckViolation) as err:
         insert(settings, columns, *values)
     assert err.value.diag.constraint_name == constraint
+
+
+def test_rows_at_the_amqp_limits_are_accepted(settings: Settings) -> None:
+    insert(settings, "routing_key, payload, exchange, content_type, message_type, "
+           "correlation_id, created_at, headers", "é" * 127 + "x", "{}", "x" * 255, "x" * 255,
+           "x" * 255, "x" * 255, "1970-01-01 00:00:00+00",
+           '{"a":' * 100 + "1" + "}" * 100)
+    insert(settings, "routing_key, payload, headers", "rk", "{}",
+           '{"a":' + "[" * 99 + "{}" + "]" * 99 + "}")  # an empty container at level 100
+
+
+def test_revision_0003_keeps_old_rows_and_downgrades(schema: str) -> None:
+    """Only inserts are checked: rows written before revision 0003 stay, and the relay can
+    still park or reschedule them (and `outbox dead retry` put them back). The downgrade
+    removes exactly what 0003 added."""
+    settings = support.make_settings(schema)
+    migrate.downgrade(settings, "0002")
+    insert(settings, "routing_key, payload, created_at", "k" * 300, "{}", "-infinity")
+    before, after = migrate.upgrade(settings)
+    assert (before, after) == ("0002", migrate.head_revision())
+    with pytest.raises(errors.CheckViolation):
+        insert(settings, "routing_key, payload", "k" * 300, "{}")
+    assert support.count(settings) == 1
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        outbox = sql.SQL("{}.outbox").format(sql.Identifier(settings.schema))
+        for change in ("attempts = attempts + 1, available_at = now()",  # schedule_retry
+                       "dead_at = now(), last_error = 'parked'",  # park_dead
+                       "dead_at = NULL, attempts = 0"):  # dead_retry
+            conn.execute(sql.SQL("UPDATE {} SET " + change).format(outbox))
+    migrate.downgrade(settings, "0002")
+    insert(settings, "routing_key, payload", "k" * 300, "{}")
+    migrate.upgrade(settings)
+    assert support.count(settings) == 2
 
 
 def test_missing_routing_key_and_duplicate_message_id_are_refused(settings: Settings) -> None:

@@ -36,6 +36,7 @@ def test_flag_beats_environment_beats_file(tmp_path) -> None:  # type: ignore[no
     ({"OUTBOX_DATABASE_URL": "mysql://db"}, "is not a postgresql:// URL"),
     ({"OUTBOX_RETRY_BASE": "10", "OUTBOX_RETRY_MAX": "1"}, "smaller than OUTBOX_RETRY_BASE"),
     ({"OUTBOX_DATABASE_URL_FILE": "/nonexistent/secret"}, "cannot read it"),
+    ({"OUTBOX_APP_ID": "a" * 256}, "OUTBOX_APP_ID: 256 bytes, over AMQP's short-string limit"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(env: dict[str, str],
                                                          message: str) -> None:
