@@ -14,7 +14,7 @@ from typing import Any
 import aiormq
 import psycopg
 import pytest
-from hypothesis import event, given
+from hypothesis import event, example, given
 from psycopg import errors as pgerrors
 from psycopg import sql
 
@@ -28,6 +28,8 @@ from tests.rowspace import MAX_BODY, RowSpec
 EXCHANGE = support.unique("props")  # a fanout exchange bound to the test's queue
 DRAIN_DEADLINE = 30.0
 MAX_ATTEMPTS = 3
+TABLE_CONSTRAINTS = {"outbox_routing_key_not_empty", "outbox_exactly_one_payload",
+                     "outbox_headers_is_object", "outbox_ordering_key_not_empty"}
 
 
 @pytest.fixture
@@ -75,12 +77,22 @@ def insert(conn: psycopg.Connection[Any], schema: str, row: RowSpec) -> tuple[An
     None when the database refuses it (which must be a constraint, or a range it names)."""
     params = {**row.__dict__, "created_at": None if row.created_at is None
               else str(row.created_at)}
+    query = sql.SQL(INSERT).format(sql.Identifier(schema))
     try:
-        got = conn.execute(sql.SQL(INSERT).format(sql.Identifier(schema)), params).fetchone()
+        got = conn.execute(query, params).fetchone()
     except pgerrors.CheckViolation as exc:
-        assert (exc.diag.constraint_name or "").startswith("outbox_"), exc
-        event(f"refused at insert: {exc.diag.constraint_name}")
-        return None
+        name = exc.diag.constraint_name or ""
+        assert name.startswith("outbox_"), exc
+        event(f"refused at insert: {name}")
+        if name in TABLE_CONSTRAINTS:
+            return None
+        # refused by revision 0003's trigger: a row written before it (or by an UPDATE) is
+        # still possible, and the relay must end it too; insert it as such a row
+        conn.execute("SET session_replication_role = replica")  # no triggers
+        try:
+            got = conn.execute(query, params).fetchone()
+        finally:
+            conn.execute("SET session_replication_role = DEFAULT")
     except pgerrors.DatetimeFieldOverflow as exc:  # to_timestamp past PostgreSQL's range
         assert "timestamp" in str(exc), exc
         event("refused at insert: timestamp out of range")
@@ -116,7 +128,7 @@ def held_back(settings: Settings, horizon: bool = False) -> bool:
     return bool(got and got[0])
 
 
-async def example(settings: Settings, queue: str, frame_max: int,
+async def run_example(settings: Settings, queue: str, frame_max: int,
                   batch: list[RowSpec]) -> None:
     schema = sql.Identifier(settings.schema)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
@@ -176,7 +188,14 @@ async def example(settings: Settings, queue: str, frame_max: int,
         assert (p.headers or {}) == want.headers, f"row {row_id}: headers changed"
 
 
+def with_edges(test: Any) -> Any:
+    for edge in rowspace.edge_rows(EXCHANGE, whole_range=True):
+        test = example(batch=[RowSpec("rk.good", EXCHANGE), edge])(test)
+    return test
+
+
 @rowspace.INTEGRATION
+@with_edges
 @given(batch=rowspace.batches(EXCHANGE, whole_range=True, refusable=True))
 def test_every_row_ends_sent_or_dead_and_good_rows_are_delivered(
         schema: str, fanout: tuple[str, int], batch: list[RowSpec]) -> None:
@@ -184,4 +203,4 @@ def test_every_row_ends_sent_or_dead_and_good_rows_are_delivered(
     settings = support.make_settings(
         schema, on_sent="mark", max_attempts=MAX_ATTEMPTS, retry_base=0, retry_max=0,
         batch_size=50, concurrency=2, max_body_bytes=MAX_BODY, publish_timeout=5.0)
-    asyncio.run(example(settings, queue, frame_max, batch))
+    asyncio.run(run_example(settings, queue, frame_max, batch))

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pamqp.frame
-from hypothesis import event, given
+from hypothesis import event, example, given
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
@@ -126,7 +126,14 @@ def blocked(store: InMemoryStore, row: StoredRow) -> bool:
         for o in store.rows.values())
 
 
+def with_edges(test: Any) -> Any:
+    for edge in rowspace.edge_rows("", whole_range=False):
+        test = example(batch=[RowSpec("rk.good"), edge])(test)
+    return test
+
+
 @rowspace.UNIT
+@with_edges
 @given(batch=rowspace.batches(""))
 def test_every_row_ends_sent_or_dead_and_good_rows_are_sent(batch: list[RowSpec]) -> None:
     store = store_with(batch)
