@@ -23,13 +23,13 @@ demo: $(STAMP)  ## migrate a demo schema, produce events with plain SQL, relay, 
 	$(BIN)/python -m outbox.demo
 
 test: $(STAMP)  ## the whole suite: unit, contract, integration, faults, manifests
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics
 
 test-unit: $(STAMP)  ## unit tests only (no services)
-	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/unit
 
 test-integration: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider tests/contract tests/integration
+	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/contract tests/integration
 
 test-faults: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/faults
