@@ -29,6 +29,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FRAME_OVERHEAD = 8  # type, channel, size, frame-end: frame_max counts them
 HEADER_HEAD = 14  # class, weight, body size, property flags
 MESSAGE_ID = 1 + 36  # a uuid as a short string
+# the exchange-name rule of AMQP 0-9-1, which pamqp enforces (RabbitMQ itself allows more)
+_EXCHANGE_NAME = re.compile(r"[a-zA-Z0-9_.:-]{1,127}")
 
 
 def problem(row: Row, headers: Mapping[str, Any] | None, frame_max: int,
@@ -38,11 +40,13 @@ def problem(row: Row, headers: Mapping[str, Any] | None, frame_max: int,
     frame = FRAME_OVERHEAD + HEADER_HEAD + 1 + MESSAGE_ID + 8  # delivery mode, id, timestamp
     if app_id:
         frame += 1 + len(app_id.encode())
-    if len(row.exchange) > 63 or len(row.routing_key) > 63:  # 4 bytes a character at most
-        for column, value in (("exchange", row.exchange), ("routing_key", row.routing_key)):
-            size = _short_string(value)
-            if size > SHORT_STRING:
-                return f"{column}: {size:,} bytes, over AMQP's short-string limit of 255"
+    if row.exchange and not _EXCHANGE_NAME.fullmatch(row.exchange):
+        return (f"exchange {row.exchange[:40]!r}: not an AMQP 0-9-1 exchange name (at most "
+                "127 of the characters a-z A-Z 0-9 - _ . :), which the encoder refuses")
+    if len(row.routing_key) > 63:  # 4 bytes a character at most
+        size = _short_string(row.routing_key)
+        if size > SHORT_STRING:
+            return f"routing_key: {size:,} bytes, over AMQP's short-string limit of 255"
     properties: tuple[tuple[str, str | None], ...] = (
         ("content_type", row.content_type), ("message_type", row.message_type),
         ("correlation_id", row.correlation_id))

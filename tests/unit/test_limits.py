@@ -42,12 +42,22 @@ def check(r: Row, frame_max: int = 131_072) -> str | None:
     return row_problem(r, frame_max, "outbox")
 
 
-@pytest.mark.parametrize("column", ["exchange", "routing_key", "content_type", "message_type",
+@pytest.mark.parametrize("column", ["routing_key", "content_type", "message_type",
                                     "correlation_id"])
 def test_short_strings_at_most_255_bytes(column: str) -> None:
     assert check(row(**{column: "é" * 127 + "x"})) is None  # 255 bytes
     reason = check(row(**{column: "é" * 128}))  # 128 characters, 256 bytes
     assert reason == f"{column}: 256 bytes, over AMQP's short-string limit of 255"
+
+
+def test_exchange_names_as_amqp_0_9_1_has_them() -> None:
+    """pamqp refuses what the spec refuses (RabbitMQ itself would take up to 255 bytes of
+    anything): over 127 characters, or a character outside a-z A-Z 0-9 - _ . :"""
+    assert check(row(exchange="")) is None  # the default exchange
+    assert check(row(exchange="orders.v1:EU-west_2" + "x" * 108)) is None  # 127 characters
+    for bad in ("x" * 128, "é", "orders created", "a/b"):
+        reason = check(row(exchange=bad))
+        assert reason is not None and reason.startswith(f"exchange {bad[:40]!r}: not an AMQP")
 
 
 def test_created_at_before_1970_or_unreadable() -> None:

@@ -18,7 +18,7 @@ BAD = {
     "headers_deep": ({"headers": {"a": [[[[{"b": [[1]]}]]]]}}, "headers: nested 8 deep"),
     "created_at": ({"created_at": -1.0}, "created_at 1969-12-31T23:59:59+00:00: before 1970"),
     "routing_key": ({"routing_key": "k" * 256}, "routing_key: 256 bytes"),
-    "exchange": ({"exchange": "é" * 128}, "exchange: 256 bytes"),
+    "exchange": ({"exchange": "é" * 128}, "not an AMQP 0-9-1 exchange name"),
     "header_name": ({"headers": {"n" * 129: True}}, "field-name limit of 128"),
     "header_float": ({"headers": {"f": 1e39}}, "headers.f: number 1e+39"),
 }
