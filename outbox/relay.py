@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from outbox import metrics
+from outbox import metrics, tracing
 from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
 from outbox.ports import Publisher, Store, StoreSession
 from outbox.retry import backoff
@@ -106,6 +106,7 @@ class Relay:
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
+        self._traces = tracing.relay_spans(publisher)  # a no-op unless tracing is on
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
@@ -209,6 +210,7 @@ class Relay:
     async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> None:
         metrics.BATCH_SIZE.observe(len(rows))
         self.counts.batches += 1
+        send = self._traces.send(rows)
         poison = oversized(rows, self.settings.max_body_bytes)
         if poison:
             sendable = [r for i, r in enumerate(rows) if i not in poison]
@@ -223,6 +225,7 @@ class Relay:
                     r.id for r, res in zip(rows, results, strict=True)
                     if res.outcome is Outcome.CONFIRMED]}})
         settlement = decide(rows, results, self.settings, self._rng)
+        send.end(rows, results, settlement)
         await session.settle(settlement)
         if settlement.retry_delays:  # wake a lane when the first of them is due
             asyncio.get_running_loop().call_later(min(settlement.retry_delays), self._wake)
