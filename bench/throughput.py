@@ -228,3 +228,30 @@ async def naive_rate(n: int) -> float:
                 await db.close()
                 await amqp.close()
     return done / elapsed
+
+
+def traced_vs_untraced(n: int, rounds: int) -> tuple[list[float], list[float]]:
+    """`outbox relay --drain` over n rows that carry a ``traceparent`` (as a traced producer
+    writes them), with tracing off and on (bench.traced), in turn each round; rates in msg/s,
+    each mode's own start-up (the SDK's imports) left out."""
+    def startup(module: str) -> float:
+        with Schema() as schema:
+            return run_drain(schema.settings, module).wall
+
+    async def drain(module: str) -> tuple[float, int]:
+        async with Queue() as queue:
+            with Schema() as schema:
+                schema.fill(n, queue.name, traced=True)
+                run = await asyncio.to_thread(run_drain, schema.settings, module)
+                return run.wall, n - schema.pending()
+
+    modules = {"off": "outbox", "on": "bench.traced"}
+    starts = {mode: min(startup(m) for _ in range(2)) for mode, m in modules.items()}
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for r in range(rounds):
+        for mode, module in modules.items():
+            wall, published = asyncio.run(drain(module))
+            rates[mode].append(published / max(1e-6, wall - starts[mode]))
+        progress(f"  round {r + 1}: tracing off {rates['off'][-1]:.0f} msg/s, on "
+                 f"{rates['on'][-1]:.0f} msg/s")
+    return rates["off"], rates["on"]
