@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from outbox import logs
-from outbox.exceptions import ConfigError, OutboxError
+from outbox.exceptions import ConfigError, OutboxError, first_line
 from outbox.settings import Settings, flag_name, redact
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         before, after = migrate.upgrade(settings, args.revision)
     except Exception as exc:  # alembic/sqlalchemy raise many types; report one line
-        raise OutboxError(f"migration failed: {logs.scrub(_first_line(exc))}") from exc
+        raise OutboxError(f"migration failed: {logs.scrub(first_line(exc))}") from exc
     if before == after:
         print(f"schema {settings.schema!r} is up to date (revision {after})")
     else:
@@ -268,11 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retention; must outlast the longest redelivery (default 14d)")
     prune.add_argument("--chunk", type=int, default=10_000, help="rows deleted per statement")
     return parser
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

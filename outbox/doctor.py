@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,9 +28,8 @@ import psycopg
 from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
-from outbox import logs, migrate
-from outbox.exceptions import ConfigError, OutboxError
-from outbox.publisher import describe_refusal, with_defaults
+from outbox import amqp, logs, migrate
+from outbox.exceptions import BrokerUnavailable, ConfigError, OutboxError, PermanentRefusal
 from outbox.settings import Settings, redact
 from outbox.sql import channel_name, for_schema
 from outbox.store import connect, session_settings, translate_errors
@@ -370,16 +368,12 @@ class Doctor:
         failures: list[tuple[str, str]] = []
         try:
             for url in s.amqp_urls:
-                full = with_defaults(url, s.heartbeat, s.db_timeout)
+                full = amqp.with_defaults(url, s.heartbeat, s.db_timeout)
                 try:
-                    async with asyncio.timeout(s.db_timeout + 1):
-                        conn = await aiormq.connect(full)
-                except (amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
-                        amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError) as exc:
-                    failures.append((url, describe_refusal(exc)))
-                    continue
-                except Exception as exc:  # aiormq raises more than AMQPError mid-handshake
-                    failures.append((url, f"cannot connect ({exc or type(exc).__name__})"))
+                    conn = await amqp.connect(full, s.db_timeout + 1)
+                except (BrokerUnavailable, PermanentRefusal) as exc:
+                    # reported against the URL as configured, not with the defaults added
+                    failures.append((url, amqp.describe_connect_error(exc.__cause__ or exc)))
                     continue
                 props = conn.server_properties or {}
                 product = f"{_text(props.get('product'))} {_text(props.get('version'))}"

@@ -7,6 +7,12 @@ Driver errors (psycopg, aiormq) are translated into these at the edge, in `store
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (a driver's may run to several), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class OutboxError(Exception):
     """An outbox error."""
 

@@ -25,7 +25,7 @@ from uuid import UUID
 import orjson
 
 from outbox import tracing
-from outbox.sql import for_schema
+from outbox.sql import as_uuid, for_schema
 
 
 def event_params(
@@ -69,7 +69,7 @@ def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str =
             row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
         else:
             row = target.execute(_sqlalchemy_statement(schema), params).one()
-        message_id = _uuid(row[0])
+        message_id = as_uuid(row[0])
     except BaseException as exc:
         tracing.end_create(span, error=exc)
         raise
@@ -88,7 +88,7 @@ async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
             row = await cur.fetchone()
         else:
             row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
-        message_id = _uuid(row[0])
+        message_id = as_uuid(row[0])
     except BaseException as exc:
         tracing.end_create(span, error=exc)
         raise
@@ -98,7 +98,3 @@ async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
 
 def _is_psycopg(target: Any) -> bool:
     return type(target).__module__.startswith("psycopg")
-
-
-def _uuid(value: Any) -> UUID:
-    return value if isinstance(value, UUID) else UUID(str(value))

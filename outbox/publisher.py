@@ -24,10 +24,8 @@ import json
 import logging
 import random
 import re
-import ssl
 from collections.abc import Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
 import orjson
@@ -35,40 +33,17 @@ from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
 from outbox import frames, metrics
+from outbox.amqp import PERMANENT, describe_refusal, with_defaults
 from outbox.exceptions import BrokerUnavailable, OutboxError, UnsupportedClient
-from outbox.retry import backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings, redact
 
 log = logging.getLogger("outbox.publisher")
 T = TypeVar("T")
 
-RECONNECT_BASE = 0.2
-RECONNECT_CAP = 15.0
-REFUSED_RETRY = 30.0
 WATCH_INTERVAL = 1.0  # how often a live connection's reader task is checked
 _CONFIRMED = Result.confirmed()
-_PERMANENT = (
-    amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
-    amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
-)
-
-
-def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
-    """Add the heartbeat and connect timeout to an AMQP URL unless it sets them itself."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.setdefault("heartbeat", str(heartbeat))
-    query.setdefault("timeout", str(max(1, round(timeout))))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def describe_refusal(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS verification failed: {exc.verify_message or exc}"
-    if isinstance(exc, amqp_exc.ConnectionNotAllowed):
-        return f"access refused (unknown vhost or no permission): {exc}"
-    return f"authentication failed (check the user and password): {exc}"
 
 
 class AmqpPublisher:
@@ -177,7 +152,7 @@ class AmqpPublisher:
             try:
                 async with asyncio.timeout(self.settings.db_timeout + 1):
                     conn = await aiormq.connect(url)
-            except _PERMANENT as exc:
+            except PERMANENT as exc:
                 self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
                 index += 1
                 await asyncio.sleep(REFUSED_RETRY)

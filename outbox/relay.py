@@ -24,16 +24,13 @@ from dataclasses import dataclass, field
 from outbox import metrics, tracing
 from outbox.exceptions import PermanentRefusal, SchemaMissing, StoreUnavailable
 from outbox.ports import Publisher, Store, StoreSession
-from outbox.retry import backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
 from outbox.wakeup import Wakeups
 
 log = logging.getLogger("outbox.relay")
 
-RECONNECT_BASE = 0.2
-RECONNECT_CAP = 15.0
-REFUSED_RETRY = 30.0  # a permanent refusal (bad password…) is retried slowly, never hammered
 SAFETY_POLLS = 2  # poll intervals between safety polls while wake-ups cover the sleeping lanes
 
 

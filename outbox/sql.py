@@ -10,6 +10,7 @@ import functools
 import re
 from importlib import resources
 from typing import Any
+from uuid import UUID
 
 from psycopg import sql
 
@@ -61,3 +62,8 @@ class Queries:
 @functools.cache
 def for_schema(schema: str) -> Queries:
     return Queries(schema)
+
+
+def as_uuid(value: Any) -> UUID:
+    """A uuid column's value as a `UUID` (a driver under SQLAlchemy's `text()` may give a str)."""
+    return value if isinstance(value, UUID) else UUID(str(value))

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -22,6 +22,7 @@ from outbox.exceptions import (
     SchemaMissing,
     StoreUnavailable,
     WakeupFlagUnavailable,
+    first_line,
 )
 from outbox.ports import Stats, Writer
 from outbox.rows import Row, Settlement
@@ -61,9 +62,9 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
             "run `outbox migrate`")
     if isinstance(exc, (pgerrors.InsufficientPrivilege,
                         pgerrors.InvalidAuthorizationSpecification)):
-        return PermanentRefusal(f"{what}: {_first_line(exc)}")
+        return PermanentRefusal(f"{what}: {first_line(exc)}")
     if isinstance(exc, psycopg.OperationalError):
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if _PERMANENT.search(msg):
             return PermanentRefusal(f"{what}: {msg}")
         return StoreUnavailable(f"{what}: {msg}")
@@ -71,7 +72,7 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
         return StoreUnavailable(f"{what}: no answer from the database within the deadline")
     if isinstance(exc, (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
                         pgerrors.IdleInTransactionSessionTimeout, OSError)):
-        return StoreUnavailable(f"{what}: {_first_line(exc)}")
+        return StoreUnavailable(f"{what}: {first_line(exc)}")
     return None
 
 
@@ -89,11 +90,6 @@ async def deadline(conn: psycopg.AsyncConnection[Any], seconds: float) -> AsyncI
             yield
     finally:
         handle.cancel()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def session_settings(settings: Settings) -> dict[str, str]:
@@ -114,16 +110,19 @@ def session_settings(settings: Settings) -> dict[str, str]:
     }
 
 
-def libpq_options(values: dict[str, str]) -> str:
+def libpq_options(values: Mapping[str, str]) -> str:
     """Server settings as libpq's ``options`` connection parameter."""
     return " ".join(f"-c {name}={value}" for name, value in values.items())
 
 
 async def connect(
     settings: Settings, *, autocommit: bool, purpose: str,
+    session: Mapping[str, str] | None = None,
 ) -> psycopg.AsyncConnection[Any]:
-    """Open a connection with the relay's session settings and deadlines."""
-    options = libpq_options(session_settings(settings))
+    """Open a connection with the relay's session settings and deadlines: every connection of
+    outbox is opened here. ``session`` replaces the relay's `session_settings` (the consumer's
+    transactions run user code under other deadlines)."""
+    options = libpq_options(session_settings(settings) if session is None else session)
     with translate_errors(f"connecting to {redact(settings.database_url)}"):
         async with asyncio.timeout(settings.db_timeout + 1):
             return await psycopg.AsyncConnection.connect(
@@ -206,7 +205,7 @@ class PgSession:
                                                   prepare=True)
                 except (pgerrors.UndefinedTable, pgerrors.InsufficientPrivilege) as exc:
                     raise WakeupFlagUnavailable(
-                        f"the wake-up flag cannot be set ({_first_line(exc)}): run `outbox "
+                        f"the wake-up flag cannot be set ({first_line(exc)}): run `outbox "
                         "migrate`, then sql/roles.sql, to let the relay spare the producers "
                         "a NOTIFY while it is busy") from exc
         return cur.rowcount == 1
