@@ -9,8 +9,9 @@ the functions below, which cost next to nothing when it is off:
 * `relay_spans` (the relay core): one ``send <exchange>`` span (CLIENT: each message has its own
   creation context, so the send span is not one) per published batch, linked to each row's creation
   context; with tracing off it is a shared no-op and no header is parsed.
-* `Processing` (the consumer): a ``process <queue>`` span (CONSUMER) per message, a child of the
-  message's creation context.
+* `start_processing` / `processing` / `end_processing` (the consumer): a ``process <queue>``
+  span (CONSUMER) per message, a child of the message's creation context, current while its
+  handler runs.
 
 When tracing is on. The relay process (`outbox relay`, `make demo`) turns it on when
 ``OTEL_TRACES_EXPORTER`` names an exporter (anything but ``none``, and ``OTEL_SDK_DISABLED`` not
@@ -27,8 +28,11 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 if TYPE_CHECKING:  # for annotations only: nothing is imported at run time
     from outbox.rows import Result, Row, Settlement
@@ -330,56 +334,96 @@ def _dumps(value: Mapping[str, Any]) -> str:
 
 # -- consumer ----------------------------------------------------------------------------------
 
+_NO_BATCH: dict[UUID, Any] = {}
+_batch: ContextVar[dict[UUID, Any]] = ContextVar("outbox_process_spans", default=_NO_BATCH)
 
-def consumer_tracing() -> bool:
-    """Whether the consumer makes spans: the application imported ``opentelemetry`` (a provider
-    of its own, or `setup`'s), so a span can be exported at all."""
+
+def _consumer_tracing() -> bool:
+    # the application imported opentelemetry (its own provider, or `setup`'s), or `use` gave one
     return _provider is not None or _trace_module() is not None
 
 
-def start_process(queue: str, consumer: str, headers: Mapping[str, Any], *, message_id: str,
-                  routing_key: str, exchange: str, delivery_tag: int | None,
-                  correlation_id: str | None = None) -> Any:
-    """Start a message's ``process <queue>`` span (CONSUMER), a child of the creation context
-    in its headers (or a root); returns (span, token): `end_process` detaches the token."""
+class _Processing:
+    __slots__ = ("duplicate", "failure", "span")
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+        self.duplicate = False
+        self.failure: str | None = None
+
+
+def start_processing(queue: str, consumer: str, deliveries: Sequence[Any]) -> Any:
+    """A ``process <queue>`` span (CONSUMER) for each message of a consumer's batch (deliveries
+    with ``.message`` and ``.tag``), each a child of the creation context in the message's
+    headers; None when tracing is off. `end_processing` ends them."""
+    if not deliveries or not _consumer_tracing():
+        return None
     from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
 
-    carrier = {k: v.decode() if isinstance(v, bytes) else v for k, v in headers.items()
-               if k in CONTEXT_HEADERS and isinstance(v, str | bytes)}
-    parent = propagate.extract(carrier) if carrier else otel_context.Context()
-    attributes: dict[str, Any] = {
-        "messaging.system": SYSTEM, "messaging.operation.type": "process",
-        "messaging.operation.name": "process", "messaging.destination.name": queue,
-        "messaging.consumer.group.name": consumer, "messaging.message.id": message_id}
-    if routing_key:
-        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
-    if exchange:
-        attributes["outbox.exchange"] = exchange
-    if delivery_tag is not None:
-        attributes["messaging.rabbitmq.message.delivery_tag"] = delivery_tag
-    if correlation_id:
-        attributes["messaging.message.conversation_id"] = correlation_id
-    span = _get_tracer().start_span(_name("process", queue), context=parent,
-                                    kind=trace.SpanKind.CONSUMER, attributes=attributes)
-    # the baggage of the message too, for the handler's own code
-    token = otel_context.attach(trace.set_span_in_context(span, parent))
-    return span, token
+    tracer = _get_tracer()
+    spans: dict[UUID, _Processing] = {}
+    for d in deliveries:
+        m = d.message
+        carrier = {k: v.decode() if isinstance(v, bytes) else v
+                   for k, v in m.headers.items()
+                   if k in CONTEXT_HEADERS and isinstance(v, str | bytes)}
+        parent = propagate.extract(carrier) if carrier else otel_context.Context()
+        attributes: dict[str, Any] = {
+            "messaging.system": SYSTEM, "messaging.operation.type": "process",
+            "messaging.operation.name": "process", "messaging.destination.name": queue,
+            "messaging.consumer.group.name": consumer,
+            "messaging.message.id": str(m.message_id),
+            "messaging.rabbitmq.message.delivery_tag": d.tag}
+        if m.routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = m.routing_key
+        if m.correlation_id:
+            attributes["messaging.message.conversation_id"] = m.correlation_id
+        span = tracer.start_span(_name("process", queue), context=parent,
+                                 kind=trace.SpanKind.CONSUMER, attributes=attributes)
+        spans[m.message_id] = _Processing(span)
+    return spans, _batch.set(spans)
 
 
-def end_process(started: Any, *, duplicate: bool | None = None,
-                error: BaseException | None = None, outcome: str | None = None) -> None:
-    from opentelemetry import context as otel_context
+def processing(message: Any) -> AbstractContextManager[Any]:
+    """Make the message's process span current while its handler runs (the handler's own
+    spans nest under it); a shared no-op when tracing is off."""
+    spans = _batch.get()
+    p = spans.get(message.message_id) if spans else None
+    if p is None:
+        return _NOTHING
+    from opentelemetry import trace
 
-    span, token = started
-    if duplicate is not None:
-        span.set_attribute("outbox.inbox.duplicate", duplicate)
-    if outcome:
-        span.set_attribute("outbox.outcome", outcome)
-    if error is not None:
-        span.record_exception(error)
-        _failed(span, type(error).__qualname__, str(error))
-    try:
-        otel_context.detach(token)
-    finally:
-        span.end()
+    return trace.use_span(p.span, end_on_exit=False, record_exception=False,
+                          set_status_on_exception=False)
+
+
+_NOTHING = nullcontext()
+
+
+def duplicates(messages: Sequence[Any]) -> None:
+    """The inbox already had these: their handler did not run."""
+    spans = _batch.get()
+    for m in messages if spans else ():
+        p = spans.get(m.message_id)
+        if p is not None:
+            p.duplicate = True
+
+
+def failed(message: Any, reason: str) -> None:
+    """The handler (or its commit) failed for this message: it is retried or dead-lettered."""
+    p = _batch.get().get(message.message_id) if _batch.get() else None
+    if p is not None:
+        p.failure = reason
+
+
+def end_processing(started: Any) -> None:
+    if started is None:
+        return
+    spans, token = started
+    _batch.reset(token)
+    for p in spans.values():
+        p.span.set_attribute("outbox.inbox.duplicate", p.duplicate)
+        if p.failure is not None:
+            _failed(p.span, "handler", p.failure)
+        p.span.end()
