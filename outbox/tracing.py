@@ -80,8 +80,9 @@ def setup(batch_size: int = 0) -> bool:
     limits = None
     if batch_size and "OTEL_SPAN_LINK_COUNT_LIMIT" not in os.environ:
         limits = SpanLimits(max_links=max(128, batch_size))  # one link per row of a batch
-    resource = Resource.create({"service.name": "outbox-relay"}
-                               if "OTEL_SERVICE_NAME" not in os.environ else {})
+    named = ("OTEL_SERVICE_NAME" in os.environ
+             or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    resource = Resource.create({} if named else {"service.name": "outbox-relay"})
     provider = TracerProvider(resource=resource, span_limits=limits)
     for exporter in _exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -123,7 +124,8 @@ def application_span(name: str) -> AbstractContextManager[Any]:
     no-op while tracing is off."""
     if _provider is None:
         return _NOTHING
-    return _get_tracer().start_as_current_span(name)
+    span: AbstractContextManager[Any] = _get_tracer().start_as_current_span(name)
+    return span
 
 
 def _get_tracer() -> Any:
