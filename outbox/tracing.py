@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # for annotations only: nothing is imported at run time
 
 log = logging.getLogger("outbox.tracing")
 
+# a version-00 traceparent as PostgreSQL's jsonb text (or orjson) writes it
+_TRACEPARENT = re.compile(r'"traceparent":\s?"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})"')
 SCOPE = "outbox"
 SYSTEM = "rabbitmq"
 CONTEXT_HEADERS = ("traceparent", "tracestate", "baggage")
@@ -267,10 +270,11 @@ class _SendSpans:
             if context is None:
                 bare.append(row)
                 continue
-            # Every try of a row links to the same creation context, with its attempt number:
-            # a retried or revived row's tries are found from its create span.
-            links.append(self._trace.Link(context, {
-                "messaging.message.id": str(row.message_id), "outbox.attempt": row.attempts + 1}))
+            # Every try of a row links to the same creation context, a retry with its attempt
+            # number: a retried or revived row's tries are found from its create span. (No
+            # attributes on a first try's link: they would cost more than the rest of the span.)
+            links.append(self._trace.Link(context, {"outbox.attempt": row.attempts + 1})
+                         if row.attempts else self._trace.Link(context))
         span = _get_tracer().start_span(
             _name("send", exchange or ""), context=self._trace.set_span_in_context(
                 self._trace.INVALID_SPAN),  # a root: the lane has no parent to give
@@ -284,13 +288,19 @@ class _SendSpans:
         return _Send(span)
 
     def _creation_context(self, row: Row) -> Any:
-        if row.headers is None or "traceparent" not in row.headers:
+        text = row.headers
+        if text is None or "traceparent" not in text:
             return None
+        match = _TRACEPARENT.search(text) if "tracestate" not in text else None
+        if match is not None:  # the common case, without the propagator's cost
+            trace_id, span_id = int(match[1], 16), int(match[2], 16)
+            if not (trace_id and span_id):
+                return None
+            return self._trace.SpanContext(trace_id, span_id, is_remote=True,
+                                           trace_flags=self._trace.TraceFlags(int(match[3], 16)))
         try:
-            headers = _loads(row.headers)
+            headers = _loads(text)
         except ValueError:
-            return None
-        if not isinstance(headers.get("traceparent"), str):
             return None
         carrier = {k: headers[k] for k in CONTEXT_HEADERS[:2] if isinstance(headers.get(k), str)}
         context = self._trace.get_current_span(

@@ -27,8 +27,8 @@ def test_relay_drains_a_backlog_and_reports_its_process() -> None:
 
 
 def test_traced_and_untraced_relays_drain_every_row() -> None:
-    off, on = throughput.traced_vs_untraced(300, rounds=1)
-    assert off[0] > 0 and on[0] > 0
+    cost = throughput.traced_vs_untraced(300, rounds=1)
+    assert cost.rates["off"][0] > 0 and cost.rates["on"][0] > 0
 
 
 async def test_windows_are_taken_one_after_another_over_one_backlog() -> None:

@@ -90,8 +90,7 @@ async def test_one_trace_from_the_producer_through_the_relay_to_the_handler(
         assert send.kind is trace.SpanKind.CLIENT and send.parent is None
         assert [(link.context.trace_id, link.context.span_id) for link in send.links] == [
             (trace_id, create.context.span_id)]
-        assert dict(send.links[0].attributes or {}) == {
-            "messaging.message.id": str(message_id), "outbox.attempt": 1}
+        assert dict(send.links[0].attributes or {}) == {}  # a first try each time
         assert dict(send.attributes or {}) == {
             "messaging.system": "rabbitmq", "messaging.operation.type": "send",
             "messaging.operation.name": "send", "messaging.destination.name": "",
