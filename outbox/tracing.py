@@ -266,9 +266,11 @@ class _SendSpans:
         links = []
         bare = []
         for row in rows:
-            context = self._creation_context(row)
-            if context is None:
+            if row.headers is None or "traceparent" not in row.headers:
                 bare.append(row)
+                continue
+            context = self._creation_context(row)
+            if context is None:  # the producer's own, unreadable: left as it is, unlinked
                 continue
             # Every try of a row links to the same creation context, a retry with its attempt
             # number: a retried or revived row's tries are found from its create span. (No
@@ -283,14 +285,15 @@ class _SendSpans:
             carrier: dict[str, str] = {}
             self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
             for row in bare:
-                headers = _loads(row.headers) if row.headers else {}
-                row.headers = _dumps({**headers, **carrier})
+                try:
+                    headers = _loads(row.headers) if row.headers else {}
+                except ValueError:
+                    continue  # not a JSON object: the publisher parks it, untouched
+                row.headers = _dumps({**carrier, **headers})
         return _Send(span)
 
     def _creation_context(self, row: Row) -> Any:
-        text = row.headers
-        if text is None or "traceparent" not in text:
-            return None
+        text = row.headers or ""
         match = _TRACEPARENT.search(text) if "tracestate" not in text else None
         if match is not None:  # the common case, without the propagator's cost
             trace_id, span_id = int(match[1], 16), int(match[2], 16)

@@ -270,8 +270,12 @@ async def test_a_creation_context_with_a_tracestate_keeps_it(spans: Spans) -> No
     store = InMemoryStore()
     store.insert("a", {"i": 1}, headers={"traceparent": TRACEPARENT, "tracestate": "k=v"})
     store.insert("b", {"i": 2}, headers={"traceparent": "00-" + "0" * 32 + "-" + "1" * 16 + "-01"})
-    await asyncio.wait_for(Relay(SETTINGS, store, StubPublisher(), drain=True).run(), 5)
+    store.insert("c", {"i": 3}, headers={"traceparent": "00-abc-def-01", "n": 3})
+    publisher = StubPublisher()
+    await asyncio.wait_for(Relay(SETTINGS, store, publisher, drain=True).run(), 5)
     (send,) = spans.get_finished_spans()
-    (link,) = send.links  # an all-zero trace id is no context
+    (link,) = send.links  # an all-zero trace id, a malformed one: no context
+    published = {r.routing_key: orjson.loads(r.headers or "{}") for r in publisher.published}
+    assert published["c"] == {"traceparent": "00-abc-def-01", "n": 3}  # the producer's, kept
     assert link.context.span_id == 0xb7ad6b7169203331 and dict(link.context.trace_state) == {
         "k": "v"}
