@@ -91,6 +91,7 @@ class Relay:
         self.settings = settings
         self.store = store
         self.publisher = publisher
+        self._traces = tracing.relay_spans(publisher)  # a no-op unless tracing is on
         self.drain = drain
         self.counts = Counts()
         self.health = Health()
@@ -103,7 +104,6 @@ class Relay:
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
-        self._traces = tracing.relay_spans(publisher)  # a no-op unless tracing is on
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
