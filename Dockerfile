@@ -15,9 +15,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY outbox ./outbox
 COPY alembic ./alembic
-RUN pip wheel --wheel-dir /wheels . \
+# with the `otel` extra: tracing stays off until OTEL_TRACES_EXPORTER names an exporter
+RUN pip wheel --wheel-dir /wheels '.[otel]' \
  && python -m venv /opt/outbox \
- && /opt/outbox/bin/pip install --no-index --find-links=/wheels /wheels/outbox-*.whl \
+ && /opt/outbox/bin/pip install --no-index --find-links=/wheels "$(echo /wheels/outbox-*.whl)[otel]" \
  && /opt/outbox/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE}

@@ -41,8 +41,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="benchmark against this PostgreSQL (env OUTBOX_BENCH_DATABASE_URL) "
                    "instead of a private cluster with the stock configuration started for the "
                    "run (bench/postgres_node.py)")
+    p.add_argument("--traced-rows", type=int, default=30_000,
+                   help="rows of each drain of the tracing cost (traced against untraced)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "throughput,keyed,hot,latency,producers,wakeup,inbox,backlog,soak")
+                   "throughput,keyed,hot,traced,latency,producers,wakeup,inbox,backlog,soak")
     return p.parse_args(argv)
 
 
@@ -156,6 +158,22 @@ def run(args: argparse.Namespace) -> None:
         progress(f"phase: one hot key ({args.hot_rows} rows of a single ordering key)")
         hot, _, _ = relay_rounds(1, args.hot_rows, startup, startup_cpu, keys=1)
         out["hot_key_msgs_per_s"] = median(hot)
+
+    if "traced" not in skip:
+        traced_rounds = min(args.rounds, 3)
+        progress(f"phase: tracing cost, {args.traced_rows} rows with a traceparent, the relay "
+                 f"with tracing off and on (all sampled, batch processor, an exporter that drops),"
+                 f" in turn ({traced_rounds} rounds)")
+        cost = throughput.traced_vs_untraced(args.traced_rows, traced_rounds)
+        off, on = cost.rates["off"], cost.rates["on"]
+        out["relay_untraced_msgs_per_s"] = median(off)
+        out["relay_traced_msgs_per_s"] = median(on)
+        out["relay_traced_vs_untraced"] = median(on) / median(off)
+        out["relay_traced_vs_untraced_rounds"] = spread(
+            [a / b for a, b in zip(on, off, strict=True)])
+        # CPU per message: what a loaded machine blurs least
+        out["relay_untraced_cpu_us_per_msg"] = median(cost.cpu_us["off"])
+        out["relay_traced_cpu_us_per_msg"] = median(cost.cpu_us["on"])
 
     if "latency" not in skip:
         progress(f"phase: latency at {args.latency_rate:g} msg/s offered for "

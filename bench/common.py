@@ -91,14 +91,19 @@ class Schema:
     def table(self) -> sql.Composed:
         return sql.SQL("{}.outbox").format(sql.Identifier(self.name))
 
-    def fill(self, n: int, routing_key: str, keys: int = 0) -> None:
-        """Insert n rows in one statement; ``keys`` > 0 spreads them over as many ordering keys."""
+    def fill(self, n: int, routing_key: str, keys: int = 0, traced: bool = False) -> None:
+        """Insert n rows in one statement; ``keys`` > 0 spreads them over as many ordering keys;
+        ``traced`` gives each a ``traceparent`` header, as a traced producer does."""
         key = (sql.SQL("'k' || (g %% {})").format(sql.Literal(keys)) if keys
                else sql.SQL("NULL"))
+        headers = (sql.SQL("jsonb_build_object('traceparent', '00-' || md5(g::text) || '-' || "
+                           "left(md5('s' || g), 16) || '-01')") if traced
+                   else sql.SQL("'{}'::jsonb"))
         q = sql.SQL(
-            "INSERT INTO {} (routing_key, payload, ordering_key) "
-            "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})), {} "
-            "FROM generate_series(1, %s) g").format(self.table(), sql.Literal(PAD), key)
+            "INSERT INTO {} (routing_key, payload, ordering_key, headers) "
+            "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})), {}, {} "
+            "FROM generate_series(1, %s) g").format(self.table(), sql.Literal(PAD), key,
+                                                   headers)
         with connect() as conn:
             conn.execute(q, (routing_key, n))
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(self.table()))
@@ -199,11 +204,12 @@ class ProcessRun:
     published: int = 0
 
 
-def run_drain(settings: Settings, **env: str) -> ProcessRun:
-    """Run `python -m outbox relay --drain` to the end, measured by the kernel (wait4)."""
+def run_drain(settings: Settings, module: str = "outbox", **env: str) -> ProcessRun:
+    """Run `python -m outbox relay --drain` (or ``module``, bench.traced) to the end, measured by
+    the kernel (wait4)."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay", "--drain"],
+        proc = subprocess.Popen([sys.executable, "-m", module, "relay", "--drain"],
                                 env=relay_env(settings, **env), stdout=subprocess.DEVNULL,
                                 stderr=err)
         # Peak RSS is sampled: the kernel's ru_maxrss of a child also counts the pages it

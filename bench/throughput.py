@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiormq
@@ -21,6 +22,7 @@ from bench.common import (
     Schema,
     aconnect,
     body,
+    median,
     percentile,
     progress,
     run_drain,
@@ -228,3 +230,43 @@ async def naive_rate(n: int) -> float:
                 await db.close()
                 await amqp.close()
     return done / elapsed
+
+
+@dataclass
+class TracingCost:
+    """Per mode ("off", "on"): the rates (msg/s) and CPU µs per message of each round."""
+
+    rates: dict[str, list[float]]
+    cpu_us: dict[str, list[float]]
+
+
+def traced_vs_untraced(n: int, rounds: int) -> TracingCost:
+    """`outbox relay --drain` over n rows that carry a ``traceparent`` (as a traced producer
+    writes them), with tracing off and on (bench.traced), in turn each round; each mode's own
+    start-up (the SDK's imports) left out of its rate and of its CPU."""
+    def startup(module: str) -> ProcessRun:
+        with Schema() as schema:
+            return run_drain(schema.settings, module)
+
+    async def drain(module: str) -> tuple[ProcessRun, int]:
+        async with Queue() as queue:
+            with Schema() as schema:
+                schema.fill(n, queue.name, traced=True)
+                run = await asyncio.to_thread(run_drain, schema.settings, module)
+                return run, n - schema.pending()
+
+    modules = {"off": "outbox", "on": "bench.traced"}
+    starts = {mode: [startup(m) for _ in range(3)] for mode, m in modules.items()}
+    wall0 = {mode: median([s.wall for s in runs]) for mode, runs in starts.items()}
+    cpu0 = {mode: median([s.cpu for s in runs]) for mode, runs in starts.items()}
+    cost = TracingCost({"off": [], "on": []}, {"off": [], "on": []})
+    for r in range(rounds):
+        # the order alternates, so that a drift of the machine's load favours neither
+        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            run, published = asyncio.run(drain(modules[mode]))
+            cost.rates[mode].append(published / max(1e-6, run.wall - wall0[mode]))
+            cost.cpu_us[mode].append((run.cpu - cpu0[mode]) / n * 1e6)
+        progress(f"  round {r + 1}: tracing off {cost.rates['off'][-1]:.0f} msg/s "
+                 f"{cost.cpu_us['off'][-1]:.0f} µs CPU/msg, on {cost.rates['on'][-1]:.0f} msg/s "
+                 f"{cost.cpu_us['on'][-1]:.0f} µs CPU/msg")
+    return cost

@@ -11,6 +11,11 @@
 5. then makes a slice of the events be published a second time, exactly as a relay that crashed
    after the broker's confirm but before its mark would, and shows the inbox skipping them;
 6. prints a summary. Servers: ``OUTBOX_DATABASE_URL`` and ``OUTBOX_AMQP_URL`` (local defaults).
+
+With ``OTEL_TRACES_EXPORTER`` set (``console`` prints the spans on stdout; the SDK must be
+installed: ``pip install 'outbox[otel]'``), the relay and the consumer trace, and
+``TRACED_EVENTS`` of the events are written with `outbox.enqueue` inside a "place order" span, so
+their trace runs from that span through the relay to the consumer's handler.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import aiormq
 import psycopg
 from psycopg import sql
 
-from outbox import logs, migrate
+import outbox
+from outbox import logs, migrate, tracing
 from outbox.consumer import Consumer, ConsumerCounts, Message
 from outbox.runner import run_relay
 from outbox.settings import Settings, redact
@@ -35,6 +41,7 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REPUBLISHED_PERCENT = 10
 BYTES_EVENTS = 20
+TRACED_EVENTS = 3
 
 
 def progress(text: str, *, done: bool = False) -> None:
@@ -62,8 +69,9 @@ def _exec(settings: Settings, statement: sql.Composed, params: Any = None) -> li
         return cur.fetchall() if cur.description else []
 
 
-def prepare_database(settings: Settings, n: int) -> dict[str, int]:
-    """A fresh schema, migrated; the consumer's table; n events inserted with plain SQL."""
+def prepare_database(settings: Settings, n: int, traced: int = 0) -> dict[str, int]:
+    """A fresh schema, migrated; the consumer's table; n events inserted with plain SQL, but the
+    last ``traced`` of the JSON ones, written with `outbox.enqueue` in a span each."""
     s = sql.Identifier(settings.schema)
     _exec(settings, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(s))
     _exec(settings, sql.SQL("CREATE SCHEMA {}").format(s))
@@ -73,7 +81,7 @@ def prepare_database(settings: Settings, n: int) -> dict[str, int]:
         "CREATE TABLE {}.shipments (order_id int NOT NULL, message_id uuid NOT NULL, "
         "created_at timestamptz NOT NULL DEFAULT now())").format(s))
     exchange = settings.schema
-    json_events = n - BYTES_EVENTS
+    json_events = n - BYTES_EVENTS - traced
     with psycopg.connect(settings.database_url) as conn:  # one producer transaction
         # What an application in any language writes, in the transaction of its own change:
         #   INSERT INTO outbox (exchange, routing_key, payload, ordering_key) VALUES (...);
@@ -92,7 +100,13 @@ def prepare_database(settings: Settings, n: int) -> dict[str, int]:
             SELECT %s, 'orders.legacy', convert_to('order_id=' || g, 'UTF8'),
                    'text/plain'
               FROM generate_series(%s::int, %s::int) AS g""").format(s),
-                     (exchange, json_events + 1, n))
+                     (exchange, n - BYTES_EVENTS + 1, n))
+        for g in range(json_events + 1, json_events + traced + 1):
+            with tracing.application_span("place order"):
+                outbox.enqueue(conn, "orders.created", {"order_id": g, "customer": "c-traced",
+                                                        "total_cents": 1000},
+                               exchange=exchange, schema=settings.schema,
+                               message_type="order.created")
     keyed = _exec(settings, sql.SQL(
         "SELECT count(*) FROM {}.outbox WHERE ordering_key IS NOT NULL").format(s))[0][0]
     return {"inserted": n, "keyed": keyed, "bytes": BYTES_EVENTS}
@@ -179,7 +193,8 @@ async def wait_consumed(consumer: Consumer, expected: int, duplicates: int,
 async def demo(settings: Settings, n: int) -> dict[str, Any]:
     start = time.monotonic()
     progress(f"preparing schema {settings.schema} on {redact(settings.database_url)}", done=True)
-    facts = await asyncio.to_thread(prepare_database, settings, n)
+    traced = TRACED_EVENTS if tracing.setup(settings.batch_size) else 0
+    facts = await asyncio.to_thread(prepare_database, settings, n, traced)
     queue = await declare(settings)
     consumer = Consumer(queue, make_handler(settings), name="demo-billing", settings=settings)
     s = sql.Identifier(settings.schema)
@@ -209,7 +224,8 @@ async def demo(settings: Settings, n: int) -> dict[str, Any]:
     elapsed = time.monotonic() - start
     rows, distinct = (await asyncio.to_thread(_exec, settings, sql.SQL(
         "SELECT count(*), count(DISTINCT message_id) FROM {}.shipments").format(s)))[0]
-    return {**facts, "published": published, "republished": again,
+    tracing.flush()
+    return {**facts, "traced": traced, "published": published, "republished": again,
             "consumed": counts.received, "applied": counts.applied,
             "duplicates": counts.duplicates, "dead": counts.dead_lettered,
             "effect_rows": rows, "distinct": distinct, "elapsed": elapsed, "flow": flow,
@@ -228,6 +244,8 @@ def summary(schema: str, r: dict[str, Any]) -> str:
         f"  effects applied:             {r['applied']:>7}",
         f"  duplicates skipped:          {r['duplicates']:>7}",
         f"  dead-lettered:               {r['dead']:>7}",
+        *([f"  traced from a span:          {r['traced']:>7}  (spans printed above with "
+           "OTEL_TRACES_EXPORTER=console)"] if r["traced"] else []),
         f"  shipments rows:              {r['effect_rows']:>7}  "
         f"({'one per event' if ok else 'MISMATCH'})",
         f"  elapsed:                     {r['elapsed']:>7.1f} s",
@@ -241,8 +259,8 @@ def main() -> int:
     logs.setup(os.environ.get("OUTBOX_DEMO_LOG_LEVEL", "warning"))
     settings = _settings()
     n = int(os.environ.get("OUTBOX_DEMO_EVENTS", "5000"))
-    if n <= BYTES_EVENTS:
-        raise SystemExit(f"OUTBOX_DEMO_EVENTS must be more than {BYTES_EVENTS}")
+    if n <= BYTES_EVENTS + TRACED_EVENTS:
+        raise SystemExit(f"OUTBOX_DEMO_EVENTS must be more than {BYTES_EVENTS + TRACED_EVENTS}")
     try:
         from outbox.runner import install_uvloop
 

@@ -8,6 +8,10 @@
 Works with a SQLAlchemy `Session`, `Connection`, `AsyncSession` or `AsyncConnection`, and with a raw
 psycopg `Connection` or `AsyncConnection` (use `enqueue_async` for the async ones). Nothing is
 committed here: the event exists if and only if the caller's transaction commits.
+
+With an OpenTelemetry span active, each event gets a ``create`` span and its context
+(``traceparent``, ``tracestate``, ``baggage``) in its headers, unless the caller's headers carry a
+``traceparent`` of their own (outbox.tracing).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from uuid import UUID
 
 import orjson
 
+from outbox import tracing
 from outbox.sql import as_uuid, for_schema
 
 
@@ -57,24 +62,38 @@ def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str =
             **options: Any) -> UUID:
     """Insert one event through ``target`` (a SQLAlchemy Session/Connection or a psycopg
     Connection), inside its current transaction; returns the event's ``message_id``."""
-    params = event_params(routing_key, payload, **options)
-    if _is_psycopg(target):
-        row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
-    else:
-        row = target.execute(_sqlalchemy_statement(schema), params).one()
-    return as_uuid(row[0])
+    span = tracing.start_create(routing_key, options)  # None unless a span is active
+    try:
+        params = event_params(routing_key, payload, **options)
+        if _is_psycopg(target):
+            row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
+        else:
+            row = target.execute(_sqlalchemy_statement(schema), params).one()
+        message_id = as_uuid(row[0])
+    except BaseException as exc:
+        tracing.end_create(span, error=exc)
+        raise
+    tracing.end_create(span, message_id)
+    return message_id
 
 
 async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
                         schema: str = "public", **options: Any) -> UUID:
     """`enqueue` for a SQLAlchemy AsyncSession/AsyncConnection or a psycopg AsyncConnection."""
-    params = event_params(routing_key, payload, **options)
-    if _is_psycopg(target):
-        cur = await target.execute(for_schema(schema)["enqueue"], params)
-        row = await cur.fetchone()
-    else:
-        row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
-    return as_uuid(row[0])
+    span = tracing.start_create(routing_key, options)
+    try:
+        params = event_params(routing_key, payload, **options)
+        if _is_psycopg(target):
+            cur = await target.execute(for_schema(schema)["enqueue"], params)
+            row = await cur.fetchone()
+        else:
+            row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
+        message_id = as_uuid(row[0])
+    except BaseException as exc:
+        tracing.end_create(span, error=exc)
+        raise
+    tracing.end_create(span, message_id)
+    return message_id
 
 
 def _is_psycopg(target: Any) -> bool:

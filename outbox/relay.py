@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from outbox import metrics
+from outbox import metrics, tracing
 from outbox.exceptions import (
     OutboxError,
     PermanentRefusal,
@@ -98,6 +98,7 @@ class Relay:
         self.settings = settings
         self.store = store
         self.publisher = publisher
+        self._traces = tracing.relay_spans(publisher)  # a no-op unless tracing is on
         self.drain = drain
         self.counts = Counts()
         self.health = Health()
@@ -247,6 +248,7 @@ class Relay:
     async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> None:
         metrics.BATCH_SIZE.observe(len(rows))
         self.counts.batches += 1
+        send = self._traces.send(rows)
         poison = oversized(rows, self.settings.max_body_bytes)
         if poison:
             sendable = [r for i, r in enumerate(rows) if i not in poison]
@@ -261,6 +263,7 @@ class Relay:
                     r.id for r, res in zip(rows, results, strict=True)
                     if res.outcome is Outcome.CONFIRMED]}})
         settlement = decide(rows, results, self.settings, self._rng)
+        send.end(rows, results, settlement)
         await session.settle(settlement)
         if settlement.retry_delays:  # wake a lane when the first of them is due
             asyncio.get_running_loop().call_later(min(settlement.retry_delays), self._wake)

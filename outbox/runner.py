@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from outbox import tracing
 from outbox.exceptions import OutboxError
 from outbox.http import HealthServer
 from outbox.publisher import AmqpPublisher
@@ -23,6 +24,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     """Run until SIGTERM/SIGINT (or, with ``drain``, until nothing is ready)."""
     store = PgStore(settings)
     publisher = AmqpPublisher(settings)
+    tracing.setup(settings.batch_size)  # on when OTEL_TRACES_EXPORTER names an exporter
     relay = Relay(settings, store, publisher, drain=drain)
     http: HealthServer | None = None
     if settings.http_port and not drain:
@@ -69,6 +71,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
         await publisher.close()
         if http is not None:
             await http.close()
+        tracing.flush()
     log.info("relay stopped", extra={"fields": {
         "published": counts.published, "failed": counts.failed, "dead": counts.dead}})
     return counts

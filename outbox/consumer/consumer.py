@@ -18,6 +18,7 @@ from uuid import UUID
 import aiormq
 import psycopg
 
+from outbox import tracing
 from outbox.amqp import Nodes, close_quietly
 from outbox.consumer.database import (
     _Database,
@@ -345,9 +346,13 @@ class Consumer:
             else:
                 seen.add(d.message.message_id)
                 valid.append(d)
-        if valid and not await self._apply(sub, valid):
-            return  # the channel closed while the database was away: all of it comes back
-        await self._settle(sub, deliveries)
+        spans = tracing.start_processing(self.queue, self.name, valid)  # None: tracing off
+        try:
+            if valid and not await self._apply(sub, valid):
+                return  # the channel closed while the database was away: all of it comes back
+            await self._settle(sub, deliveries)
+        finally:
+            tracing.end_processing(spans)
         self._changed.set()
 
     async def _apply(self, sub: _Subscription, valid: list[_Delivery]) -> bool:
@@ -379,6 +384,7 @@ class Consumer:
         return True
 
     def _count_applied(self, messages: Sequence[Message], dups: Sequence[Message]) -> None:
+        tracing.duplicates(dups)
         self.counts.duplicates += len(dups)
         self.counts.applied += len(messages) - len(dups)
 
@@ -415,6 +421,8 @@ class Consumer:
     # -- retries and dead letters (`outbox.consumer.retries`) -----------------------------------
 
     async def _retry_or_dead_letter(self, sub: _Subscription, d: _Delivery, reason: str) -> None:
+        if d.message is not None:
+            tracing.failed(d.message, reason)
         await self.retries.retry_or_dead_letter(sub, d, reason)
 
     async def _dead_letter(self, sub: _Subscription, d: _Delivery, reason: str, *,

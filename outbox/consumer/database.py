@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from outbox import tracing
 from outbox.consumer.message import BatchHandler, Handler, Message, describe
 from outbox.exceptions import OutboxError, StoreUnavailable
 from outbox.settings import Settings, redact
@@ -68,7 +69,8 @@ class _Database:
             return
         assert self.handler is not None
         for m in new:
-            await self.handler(target, m)
+            with tracing.processing(m):  # the handler's spans nest under the message's
+                await self.handler(target, m)
 
     async def run(self, consumer: str, messages: Sequence[Message], *,
                   pipeline: bool) -> list[Message]:

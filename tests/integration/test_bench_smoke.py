@@ -26,6 +26,11 @@ def test_relay_drains_a_backlog_and_reports_its_process() -> None:
     assert seconds > 0 and run.peak_rss_mb > 0
 
 
+def test_traced_and_untraced_relays_drain_every_row() -> None:
+    cost = throughput.traced_vs_untraced(300, rounds=1)
+    assert cost.rates["off"][0] > 0 and cost.rates["on"][0] > 0
+
+
 async def test_windows_are_taken_one_after_another_over_one_backlog() -> None:
     async with throughput.Backlog(20_000) as backlog:
         rates = [await backlog.window(200, 1_500) for _ in range(2)]
