@@ -131,7 +131,7 @@ UNFRAMABLE: dict[str, tuple[dict[str, Any], str]] = {
     "created_at_minus_infinity": ({"created_at": "-infinity"}, "created_at: infinite"),
     "created_at_year_10000": ({"created_at": "10000-06-01 00:00:00+00"},
                               "created_at: infinite"),
-    "exchange": ({"exchange": "x" * 300}, "exchange: 300 bytes, over AMQP's short-string"),
+    "exchange": ({"exchange": "x" * 300}, "not an AMQP 0-9-1 exchange name"),
     "routing_key": ({"routing_key": "k" * 300}, "routing_key: 300 bytes, over AMQP's short"),
     "content_type": ({"content_type": "c" * 300}, "content_type: 300 bytes"),
     "message_type": ({"message_type": "t" * 300}, "message_type: 300 bytes"),
