@@ -126,16 +126,16 @@ class Chaos:
         return self.settings
 
     def drop_insert_checks(self) -> list[str]:
-        """Drop the CHECK constraints that refuse rows AMQP cannot carry at insert (added NOT
-        VALID, as by a migration on a table that already held rows): like a table that holds
-        rows from before them, every poison row then reaches the relay, which must park it."""
+        """Disable the trigger that refuses rows AMQP cannot carry at insert (revision 0003): like
+        a table that holds rows from before it, every poison row then reaches the relay, which
+        must park it."""
         settings = support.make_settings(self.schema)
         names = [str(r[0]) for r in execute(
-            settings, "SELECT conname FROM pg_constraint WHERE conrelid = "
-                      "(quote_ident(%s) || '.outbox')::regclass AND contype = 'c' "
-                      "AND NOT convalidated", (self.schema,))]
+            settings, "SELECT tgname FROM pg_trigger WHERE tgrelid = "
+                      "(quote_ident(%s) || '.outbox')::regclass "
+                      "AND tgname = 'outbox_refuse_unframable'", (self.schema,))]
         for name in names:
-            execute(settings, f'ALTER TABLE {{}}.outbox DROP CONSTRAINT "{name}"')
+            execute(settings, f'ALTER TABLE {{}}.outbox DISABLE TRIGGER "{name}"')
         return names
 
     def close(self, failed: bool) -> None:
@@ -351,9 +351,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         f"13: {', '.join(HANDLED)}), 'none' or a comma-separated list of "
                         f"{', '.join(POISON)} (default all)")
     p.add_argument("--insert-checks", action="store_true",
-                   help="keep the constraints that refuse some poison classes at insert (the "
-                        "refused rows are counted as refused_at_insert_*); by default they are "
-                        "dropped, so that every poison row reaches the relay")
+                   help="keep the trigger that refuses some poison classes at insert (the "
+                        "refused rows are counted as refused_at_insert_*); by default it is "
+                        "disabled, so that every poison row reaches the relay")
     p.add_argument("--deadline", type=float, default=None,
                    help="overall deadline in seconds; the run fails when it passes "
                         "(default 300 + 15 per iteration)")
