@@ -113,7 +113,8 @@ class Relay:
         self._lanes_connected: set[int] = set()
         self.failure = ""  # why a background task ended: the relay stops and exits non-zero
         self._ending = False  # run() is cancelling its helpers itself
-        self._flag = Wakeups(store, self._wake, lambda: bool(self._sleeping),
+        self._flag = Wakeups(store, self._wake,
+                             lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
 
     @property

@@ -7,13 +7,13 @@ Two ways, one at a time (alembic/versions/0002 has the flag the insert trigger r
   WAL flush, so while rows keep coming the application's inserting transactions would commit one
   at a time.
 * **Active: a probe.** As soon as a lane claims rows, the relay lowers the flag (inserts then skip
-  the NOTIFY) and, while a lane sleeps, reads the newest id of the outbox on its own connection:
-  every millisecond after a probe found rows, backing off to `PROBE_MAX` while it finds none. A
-  newer id than it (or a claim) saw last wakes a sleeping lane, so a row that comes while one
-  lane publishes is taken by another at once, as a NOTIFY would have it. After `IDLE_AFTER`
-  without a claimed row the relay raises the flag again, probes a little longer (`GRACE`: an
-  insert that read the flag lowered may still be committing), and goes back to waiting for a
-  NOTIFY; raising it also wakes a lane to claim once more, for the rows committed in between.
+  the NOTIFY) and, while every lane sleeps, reads the newest id of the outbox on its own
+  connection: every millisecond after a probe found rows, backing off to `PROBE_MAX` while it
+  finds none. A newer id than it (or a claim) saw last wakes a lane; so the first probe after the
+  last busy lane fell asleep also sees what came during its batch. After `IDLE_AFTER` without a
+  claimed row the relay raises the flag again, probes a little longer (`GRACE`: an insert that
+  read the flag lowered may still be committing), and goes back to waiting for a NOTIFY; raising
+  it also wakes a lane to claim once more, for the rows committed in between.
 
 What neither covers: a row committed with an id lower than one the probe already saw (two
 producers committing out of order), and an insert that read the flag lowered but commits after
@@ -56,11 +56,11 @@ RECHECK = 10  # the flag is written again every this many poll intervals, change
 class Wakeups:
     """Keeps the flag lowered and probes while this relay is active; raised while it is idle."""
 
-    def __init__(self, store: Store, wake: Callable[[], None], sleeping: Callable[[], bool],
+    def __init__(self, store: Store, wake: Callable[[], None], idle: Callable[[], bool],
                  poll_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._wake = wake  # rouses one sleeping lane
-        self._sleeping = sleeping  # is a lane asleep now?
+        self._idle = idle  # is every lane asleep now?
         self._recheck_every = RECHECK * poll_interval
         self._clock = clock
         self._last_rows = -math.inf  # when a lane last claimed rows
@@ -87,7 +87,7 @@ class Wakeups:
             self._written is False or self._clock() - self._raised_at < GRACE)
 
     def asleep(self) -> None:
-        """A lane went to sleep: the probe may have to start."""
+        """A lane went to sleep: the probe may have to start (when it was the last awake)."""
         self._poked.set()
 
     def busy(self, newest: int) -> None:
@@ -124,7 +124,7 @@ class Wakeups:
                         continue
                     if self._closing:
                         return
-                    if self.probing and self._sleeping():
+                    if self.probing and self._idle():
                         if session is None:
                             session = await self._store.session()
                         await self._probe(session)
