@@ -112,6 +112,7 @@ class Relay:
         self._listening = False  # LISTEN is in place: inserts wake a lane
         self._lanes_connected: set[int] = set()
         self.failure = ""  # why a background task ended: the relay stops and exits non-zero
+        self._released_reason = ""  # why the last batch went back whole (logged once)
         self._ending = False  # run() is cancelling its helpers itself
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
@@ -300,6 +301,18 @@ class Relay:
         if s.dead_ids:
             log.error("rows parked as dead", extra={"fields": {
                 "row_ids": s.dead_ids, "reasons": sorted(set(s.dead_errors))}})
+        # A batch that went back whole (nothing confirmed, nothing failed) says nothing anywhere
+        # else: say it, once per reason until a batch gets through, so a relay that keeps
+        # releasing is never silent.
+        if s.sent or s.unsettled < len(rows):
+            self._released_reason = ""
+        elif rows:
+            unsettled = next(res for res in results if res.outcome is Outcome.UNSETTLED)
+            reason = f"{unsettled.kind}: {unsettled.reason}"
+            if reason != self._released_reason:
+                log.warning("batch released: nothing was confirmed; the rows stay pending",
+                            extra={"fields": {"rows": len(rows), "reason": reason}})
+            self._released_reason = reason
 
     async def _drop(self, session: StoreSession | None) -> None:
         if session is not None:

@@ -403,3 +403,20 @@ async def test_failed_rows_are_logged_once_per_batch_and_kind(
     assert fields["nack"]["reasons"] == ["nacked by the broker"]
     batches = relay.counts.batches
     assert len([r for r in caplog.records if r.getMessage() == "publish failed"]) <= 2 * batches
+
+
+async def test_a_batch_released_whole_is_said_once_until_one_gets_through(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Unsettled rows count no attempt and raise no failure: without this line a relay whose
+    every batch goes back (a broker that takes no publish) would be silent."""
+    released = Result(Outcome.UNSETTLED, "not published", "connection")
+    store = InMemoryStore()
+    pub = StubPublisher(rule=lambda row: released)
+    relay = Relay(SETTINGS, store, pub)
+    async with running(relay):
+        store.insert("rk", {"i": 0})
+        await wait_until(lambda: len(pub.published) >= 3, 5)  # released, claimed again, ...
+        pub.rule = lambda row: Result.confirmed()
+        await wait_until(lambda: not store.rows, 5)
+    lines = [r for r in caplog.records if r.getMessage().startswith("batch released")]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
