@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.installed
 export OUTBOX_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 export OUTBOX_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 
-.PHONY: help install demo test test-unit test-integration test-faults chaos lint bench bench-long clean
+.PHONY: help install demo test test-cluster test-unit test-integration test-faults chaos lint bench bench-long clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,8 +22,11 @@ install: $(STAMP)  ## create .venv and install outbox with its dev tools
 demo: $(STAMP)  ## migrate a demo schema, produce events with plain SQL, relay, consume, summarise
 	$(BIN)/python -m outbox.demo
 
-test: $(STAMP)  ## the whole suite: unit, contract, integration, faults, manifests
-	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics
+test: $(STAMP)  ## the whole suite: unit, contract, integration, faults, manifests (not the 3-node cluster)
+	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics -m "not cluster"
+
+test-cluster: $(STAMP)  ## fault tests on a private 3-node RabbitMQ cluster with quorum queues (~5 min)
+	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/faults/test_cluster.py
 
 test-unit: $(STAMP)  ## unit tests only (no services)
 	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/unit

@@ -39,7 +39,10 @@ from tests.proxy import FaultProxy
 from tests.rabbit_cluster import RabbitCluster, in_parallel
 from tests.rabbit_node import RabbitNode
 
-pytestmark = pytest.mark.faults
+# Not in `make test` yet: on this machine the whole-cluster restart left the quorum queue without
+# confirms for over 90 s in one full run out of five (rows then exhaust their attempts), so the
+# module runs on its own with `make test-cluster` until that is understood.
+pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
 QUORUM = {"x-queue-type": "quorum"}
 ROWS = 10_000
