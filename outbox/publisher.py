@@ -66,7 +66,6 @@ class AmqpPublisher:
         self.connection: aiormq.Connection | None = None
         self.current_url = ""
         self._channels: dict[int, aiormq.Channel] = {}
-        self._channel_locks: dict[int, asyncio.Lock] = {}
         self._connected = asyncio.Event()
         self._dropped = asyncio.Event()  # set when the connection in use is given up
         self._closers: set[asyncio.Task[None]] = set()  # closes of connections given up

@@ -121,6 +121,7 @@ class Wakeups:
                         if session is None:
                             session = await self._store.session()
                         await self._write(session, wanted)
+                        failures, reported = 0, ""
                         continue
                     if self._closing:
                         return
@@ -128,6 +129,7 @@ class Wakeups:
                         if session is None:
                             session = await self._store.session()
                         await self._probe(session)
+                        failures, reported = 0, ""
                         await asyncio.sleep(self._probe_wait if changes_in is None
                                             else min(self._probe_wait, changes_in))
                         continue
@@ -154,8 +156,6 @@ class Wakeups:
                         return
                     await asyncio.sleep(backoff(failures, 0.2, 5.0))
                     continue
-                failures = 0
-                reported = ""
                 self._poked.clear()
                 look_again = self._written_at + self._recheck_every - self._clock()
                 if changes_in is not None:
