@@ -110,7 +110,8 @@ def outside_rounds(args: argparse.Namespace, rate: float,
         rounds.append(lf)
         start = "commit" if lf.commit_timestamps else "insert (no commit timestamps)"
         progress(f"  round {r + 1}: offered {lf.offered.rate:.0f}/s (schedule lag avg "
-                 f"{lf.offered.lag_avg_ms:.1f} ms, max {lf.offered.lag_max_ms:.0f} ms); "
+                 f"{lf.offered.lag_avg_ms:.1f} ms, max {lf.offered.lag_max_ms:.0f} ms; "
+                 f"transaction {lf.offered.transaction_ms:.1f} ms); "
                  f"{start}-to-confirm p50 {lf.confirm_p50_ms:.1f} ms, p99 "
                  f"{lf.confirm_p99_ms:.1f} ms; insert-to-receive p50 {lf.receive_p50_ms:.1f} ms, "
                  f"p99 {lf.receive_p99_ms:.1f} ms; relay CPU {lf.relay_cpu_percent:.0f} %")
@@ -131,6 +132,7 @@ def outside_figures(rounds: list[latency.OutsideFigures]) -> dict[str, Any]:
         "receive_p99_ms": median(of("receive_p99_ms")),
         "offered_per_s": median(offered),
         "schedule_lag_ms": median([lf.offered.lag_avg_ms for lf in rounds]),
+        "producer_transaction_ms": median([lf.offered.transaction_ms for lf in rounds]),
         "relay_cpu_percent": median(of("relay_cpu_percent")),
         "p50_rounds": spread(of("confirm_p50_ms")), "p99_rounds": spread(of("confirm_p99_ms")),
         "offered_rounds": spread(offered),
@@ -239,12 +241,14 @@ def run(args: argparse.Namespace) -> None:
         # (bench/latency.py): the names issue 15 set.
         one = outside_figures(outside_rounds(args, args.latency_rate, 4))
         for name in ("p50_ms", "p99_ms", "receive_p50_ms", "receive_p99_ms", "offered_per_s",
-                     "schedule_lag_ms", "relay_cpu_percent", "p50_rounds", "p99_rounds",
+                     "schedule_lag_ms", "producer_transaction_ms", "relay_cpu_percent",
+                     "p50_rounds", "p99_rounds",
                      "offered_rounds", "rows_offered_confirmed_received"):
             out[f"latency_{name}"] = one[name]
         five = outside_figures(outside_rounds(args, args.latency_5k_rate, 8))
         for name in ("p50_ms", "p99_ms", "receive_p50_ms", "receive_p99_ms", "offered_per_s",
-                     "schedule_lag_ms", "relay_cpu_percent", "p99_rounds", "offered_rounds",
+                     "schedule_lag_ms", "producer_transaction_ms", "relay_cpu_percent",
+                     "p99_rounds", "offered_rounds",
                      "rows_offered_confirmed_received"):
             out[f"latency_5k_{name}"] = five[name]
         confirm_p50, confirm_p99 = asyncio.run(throughput.confirm_latency(2_000))

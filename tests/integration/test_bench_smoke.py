@@ -70,7 +70,9 @@ def test_pgbench_summary_is_read_or_refused() -> None:
                "latency average = 1.2 ms\n"
                "rate limit schedule lag: avg 0.069 (max 4.578) ms\n"
                "tps = 1001.260485 (without initial connection time)\n")
-    assert latency.parse_pgbench(summary) == latency.Offered(9946, 1001.260485, 0.069, 4.578)
+    offered = latency.parse_pgbench(summary)
+    assert offered == latency.Offered(9946, 1001.260485, 0.069, 4.578, offered.transaction_ms)
+    assert abs(offered.transaction_ms - (1.2 - 0.069)) < 1e-9
     with pytest.raises(RuntimeError, match="no"):
         latency.parse_pgbench("pgbench: error: connection refused")
 
