@@ -35,7 +35,7 @@ from aiormq import exceptions as amqp_exc
 from pamqp import commands as spec
 
 from outbox import frames, limits, metrics
-from outbox.amqp import PERMANENT, describe_connect_error, describe_refusal, with_defaults
+from outbox.amqp import describe_connect_error, describe_refusal, refusal, with_defaults
 from outbox.exceptions import BrokerUnavailable, OutboxError, Unframable, UnsupportedClient
 from outbox.limits import parse_headers
 from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
@@ -185,13 +185,13 @@ class AmqpPublisher:
             try:
                 async with asyncio.timeout(self.settings.db_timeout + 1):
                     conn = await aiormq.connect(url)
-            except PERMANENT as exc:
-                self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
-                index += 1
-                await asyncio.sleep(REFUSED_RETRY)
-                continue
             except Exception as exc:  # aiormq also raises StopAsyncIteration,
                 # RuntimeError… when the peer closes during the handshake: all mean "no connection"
+                if refusal(exc) is not None:
+                    self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
+                    index += 1
+                    await asyncio.sleep(REFUSED_RETRY)
+                    continue
                 failures += 1
                 self._set_problem(f"broker {redact(url)}: {describe_connect_error(exc)}")
                 index += 1

@@ -33,9 +33,14 @@ log = logging.getLogger("outbox.store")
 
 _PERMANENT = re.compile(
     r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
-    r"|no pg_hba\.conf entry|certificate verify failed|permission denied for database",
+    r"|no pg_hba\.conf entry|permission denied for database",
     re.I,
 )
+# libpq's words for a TLS setup that fails the same way until someone fixes the certificates
+_TLS_REFUSAL = re.compile(
+    r"certificate verify failed|does not match host name|certificate file|private key file"
+    r"|certificate present, but not private key|tlsv1 alert|sslv3 alert|tlsv13 alert", re.I)
+_VERIFY_FAILED_WHY = ("not signed by the CA of sslrootcert, expired, or not yet valid")
 LISTEN_PING = 30.0  # seconds of silence before the listener pings (TCP keepalives watch too)
 READ_ONLY = ("connected to a read-only standby; point OUTBOX_DATABASE_URL at the primary or add "
              "target_session_attrs=read-write")
@@ -71,6 +76,8 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
         return StoreUnavailable(READ_ONLY)
     if isinstance(exc, psycopg.OperationalError):
         msg = first_line(exc)
+        if _TLS_REFUSAL.search(msg):
+            return PermanentRefusal(f"{what}: {describe_tls(msg)}")
         if _PERMANENT.search(msg):
             return PermanentRefusal(f"{what}: {msg}")
         return StoreUnavailable(f"{what}: {msg}")
@@ -80,6 +87,19 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
                         pgerrors.IdleInTransactionSessionTimeout, OSError)):
         return StoreUnavailable(f"{what}: {first_line(exc)}")
     return None
+
+
+def describe_tls(msg: str) -> str:
+    """libpq's line for a refused TLS connection, led by the cause: "TLS: hostname mismatch:
+    server certificate for "a" does not match host name "b" (connection to server at …)"."""
+    where, _, cause = msg.rpartition(" failed: ")
+    where = where.removeprefix("connection failed: ")
+    cause = cause.removeprefix("SSL error: ")
+    if "does not match host name" in cause:
+        cause = f"hostname mismatch: {cause}"
+    elif "certificate verify failed" in cause:
+        cause = f"certificate verify failed: the server's certificate is {_VERIFY_FAILED_WHY}"
+    return f"TLS: {cause}" + (f" ({where})" if where else "")
 
 
 @contextlib.asynccontextmanager
