@@ -143,6 +143,7 @@ async def relay_refusal(settings: Settings, component: str) -> str:
         # retried slowly: the same refusal is not logged again (REFUSED_RETRY is 30 s)
         assert len(relay.logged(f'"{component} unavailable"')) == 1, relay.log_tail()
         assert not relay.logged("Traceback|unexpected error"), relay.log_tail()
+        assert len(relay.logged('"level":"(error|critical)"')) == 1, relay.log_tail()
         relay.kill(15)  # SIGTERM
         assert await relay.wait(30) == 0, relay.log_tail()
         return error
