@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Sequence
 from typing import Protocol
@@ -82,8 +83,16 @@ def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def describe_refusal(exc: BaseException) -> str:
-    """What a permanent refusal (see `refusal`) means, in words an operator can act on."""
+def _unreadable_files(url: str) -> list[str]:
+    """The URL's cafile, certfile and keyfile that cannot be read, as ``name=path``."""
+    query = dict(parse_qsl(urlsplit(url).query))
+    return [f"{name}={query[name]}" for name in ("cafile", "certfile", "keyfile")
+            if name in query and not os.access(query[name], os.R_OK)]
+
+
+def describe_refusal(exc: BaseException, url: str = "") -> str:
+    """What a permanent refusal (see `refusal`) means, in words an operator can act on;
+    ``url``, the one refused, names a missing TLS file."""
     exc = refusal(exc) or exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or _ssl_text(exc)
@@ -101,16 +110,16 @@ def describe_refusal(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS: cannot load the URL's certfile or keyfile ({_ssl_text(exc)})"
     if isinstance(exc, OSError):
-        return (f"TLS: cannot load the URL's cafile, certfile or keyfile "
-                f"({exc.strerror or exc})")
+        files = ", ".join(_unreadable_files(url)) or "the URL's cafile, certfile or keyfile"
+        return f"TLS: cannot load {files} ({exc.strerror or exc})"
     return f"refused: {exc}"
 
 
-def describe_connect_error(exc: BaseException) -> str:
-    """Why connecting failed: a refusal as `describe_refusal` says, anything else "cannot
-    connect"."""
+def describe_connect_error(exc: BaseException, url: str = "") -> str:
+    """Why connecting to ``url`` failed: a refusal as `describe_refusal` says, anything else
+    "cannot connect"."""
     if refusal(exc) is not None:
-        return describe_refusal(exc)
+        return describe_refusal(exc, url)
     for cause in _chain(exc):
         if isinstance(cause, ssl.SSLError):  # e.g. amqps:// to a plain port
             return f"cannot connect (TLS: {_ssl_text(cause)})"
@@ -128,7 +137,7 @@ async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:
         async with asyncio.timeout(timeout):
             return await aiormq.connect(url)
     except Exception as exc:
-        problem = f"broker {redact(url)}: {describe_connect_error(exc)}"
+        problem = f"broker {redact(url)}: {describe_connect_error(exc, url)}"
         if refusal(exc) is not None:
             raise PermanentRefusal(problem) from exc
         raise BrokerUnavailable(problem) from exc

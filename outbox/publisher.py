@@ -188,7 +188,7 @@ class AmqpPublisher:
             except Exception as exc:  # aiormq also raises StopAsyncIteration,
                 # RuntimeError… when the peer closes during the handshake: all mean "no connection"
                 if refusal(exc) is not None:
-                    self._set_problem(f"broker {redact(url)}: {describe_refusal(exc)}")
+                    self._set_problem(f"broker {redact(url)}: {describe_refusal(exc, url)}")
                     index += 1
                     await asyncio.sleep(REFUSED_RETRY)
                     continue

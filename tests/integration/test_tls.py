@@ -269,6 +269,8 @@ BROKER_CASES = [
     Refused("expired", "TLS: certificate verify failed: certificate has expired"),
     Refused("host-mismatch", "TLS: certificate verify failed: IP address mismatch, certificate "
             "is not valid for '127.0.0.1'"),
+    Refused("missing-cafile", "TLS: cannot load cafile=/nonexistent/ca.pem (No such file or "
+            "directory)"),
     # Not a case: a client certificate the broker does not trust. Under TLS 1.3 the broker
     # refuses it after the client's handshake is done, and the client reads either the alert
     # (then "TLS: the broker refused the client certificate (tlsv1 alert unknown ca)") or a
@@ -283,6 +285,8 @@ def refused_amqp(case: str, node: RabbitNode, expired_node: RabbitNode, pki: Pki
         return expired_node.amqps_url(cafile=pki.good.ca)
     if case == "host-mismatch":
         return node.amqps_url("127.0.0.1", cafile=pki.good.ca)
+    if case == "missing-cafile":
+        return node.amqps_url(cafile="/nonexistent/ca.pem")
     raise AssertionError(case)
 
 

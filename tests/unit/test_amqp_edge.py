@@ -76,6 +76,13 @@ def test_a_permanent_refusal_is_described_as_one(exc: BaseException, words: str)
     assert amqp.describe_connect_error(exc).startswith(words)
 
 
+def test_a_missing_tls_file_is_named() -> None:
+    url = "amqps://u:p@broker/?cafile=/nonexistent/ca.pem&certfile=/dev/null&keyfile=/dev/null"
+    exc = FileNotFoundError(2, "No such file or directory")
+    assert amqp.describe_connect_error(exc, url) == \
+        "TLS: cannot load cafile=/nonexistent/ca.pem (No such file or directory)"
+
+
 def test_tls_that_is_not_a_refusal_still_names_tls() -> None:
     """amqps:// to a plain AMQP port: a wrong port, not a certificate; retried as an outage."""
     exc = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
