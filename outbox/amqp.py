@@ -57,11 +57,17 @@ def _is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERT_REFUSED
 
 
+def _bad_pem(exc: BaseException) -> bool:
+    """ssl's error for a CA, certificate or key file it cannot use."""
+    return isinstance(exc, ssl.SSLError) and (
+        exc.library in ("X509", "PEM") or "PEM lib" in str(exc))
+
+
 def refusal(exc: BaseException) -> BaseException | None:
     """The permanent refusal behind ``exc`` (itself or a cause), or None if it is none."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, ssl.SSLError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) or _bad_pem(exc):
         # not wrapped by aiormq, so raised before connecting: the cafile, certfile or keyfile
-        # cannot be loaded (missing, unreadable, or a key that does not match the certificate)
+        # cannot be loaded (missing, unreadable, not PEM, a key that does not match)
         return exc
     return next((e for e in _chain(exc) if _is_refusal(e)), None)
 
@@ -108,7 +114,7 @@ def describe_refusal(exc: BaseException, url: str = "") -> str:
         return (f"TLS: the broker refused the client certificate ({_ssl_text(exc)}); "
                 "check certfile and keyfile")
     if isinstance(exc, ssl.SSLError):
-        return f"TLS: cannot load the URL's certfile or keyfile ({_ssl_text(exc)})"
+        return f"TLS: cannot load the URL's cafile, certfile or keyfile ({_ssl_text(exc)})"
     if isinstance(exc, OSError):
         files = ", ".join(_unreadable_files(url)) or "the URL's cafile, certfile or keyfile"
         return f"TLS: cannot load {files} ({exc.strerror or exc})"

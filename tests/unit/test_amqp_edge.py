@@ -83,6 +83,21 @@ def test_a_missing_tls_file_is_named() -> None:
         "TLS: cannot load cafile=/nonexistent/ca.pem (No such file or directory)"
 
 
+def test_a_key_that_does_not_match_is_a_refusal(tmp_path: Any) -> None:
+    """ssl's own error, as aiormq lets it through when it builds the context."""
+    import trustme
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "a.crt", tmp_path / "b.key"
+    ca.issue_cert("a").cert_chain_pems[0].write_to_path(str(cert))
+    ca.issue_cert("b").private_key_pem.write_to_path(str(key))
+    with pytest.raises(ssl.SSLError) as info:
+        ssl.create_default_context().load_cert_chain(str(cert), str(key))
+    assert amqp.refusal(info.value) is info.value
+    assert amqp.describe_connect_error(info.value) == \
+        "TLS: cannot load the URL's cafile, certfile or keyfile (key values mismatch)"
+
+
 def test_tls_that_is_not_a_refusal_still_names_tls() -> None:
     """amqps:// to a plain AMQP port: a wrong port, not a certificate; retried as an outage."""
     exc = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
