@@ -409,11 +409,13 @@ class Consumer:
                 return await self.db.run(self.name, messages, pipeline=pipeline)
             except OutboxError as exc:
                 failures += 1
-                if failures == 1 or failures % 10 == 0:
+                refused = isinstance(exc, PermanentRefusal)  # said once, retried slowly
+                if failures == 1 or (failures % 10 == 0 and not refused):
                     log.error("database unavailable; holding the batch", extra={"fields": {
                         "queue": self.queue, "error": str(exc), "size": len(messages),
                         "attempt": failures}})
-                await self._sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+                await self._sleep(REFUSED_RETRY if refused else
+                                  backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 if self._stopping.is_set() or sub.channel.is_closed:
                     raise _Abandoned() from exc
 
