@@ -1,7 +1,7 @@
 """The one exception hierarchy of outbox.
 
 Driver errors (psycopg, aiormq) are translated into these at the edge, in `store.py`, `amqp.py`
-and `publisher.py`; the relay core only ever sees these types.
+and `batch.py`; the relay core only ever sees these types.
 """
 
 from __future__ import annotations

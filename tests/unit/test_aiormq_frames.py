@@ -31,7 +31,6 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from outbox import frames
-from outbox import publisher as publisher_module
 from outbox.exceptions import UnsupportedClient
 from outbox.publisher import AmqpPublisher
 from outbox.rows import Outcome, Result, Row
@@ -217,7 +216,7 @@ def connections(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Iterator[lis
         made.append(c)
         return c
 
-    monkeypatch.setattr(publisher_module.aiormq, "connect", fake_connect)
+    monkeypatch.setattr(aiormq, "connect", fake_connect)
     yield made
 
 
@@ -259,7 +258,7 @@ async def test_acks_nacks_and_returns_decide_each_row(publisher: AmqpPublisher,
     assert all(m.method.mandatory and m.method.routing_key == "orders" for m in sent)
     assert [m.body for m in sent] == [r.body for r in batch]
     ch = sent[0].channel
-    channel = publisher._channels[0]
+    channel = publisher.broker._channels[0]
     await broker.send(ch, spec.Basic.Ack(delivery_tag=2, multiple=True))  # rows 0 and 1
     await broker.returned(ch, sent[2])  # unroutable: returned, then acked (RabbitMQ does both)
     await broker.send(ch, spec.Basic.Ack(delivery_tag=3))
@@ -279,7 +278,7 @@ async def test_acks_nacks_and_returns_decide_each_row(publisher: AmqpPublisher,
     assert results[5].reason == "returned by the broker: 313 NO_CONSUMERS"
     # the channel forgot the batch: nothing left to match a later return or confirm against
     # (and, since the broker nacked a row on it, the lane will open a new one)
-    assert publisher._channels.get(0) is not channel
+    assert publisher.broker._channels.get(0) is not channel
     assert channel.confirmations == {} or all(
         isinstance(f, aiormq.channel.Returning) for f in channel.confirmations.values())
     assert channel.message_id_delivery_tag == {}

@@ -1,7 +1,7 @@
 """Property, against the fakes (no I/O): whatever a row holds, a drain ends with it sent or dead
 with a reason, within bounded attempts, and its good batch-mates sent.
 
-A row the fake publisher confirms is also framed by the real code (`AmqpPublisher.properties`
+A row the fake publisher confirms is also framed by the real code (`outbox.batch.properties`
 and `outbox.frames`), decoded again by pamqp and compared with what DESIGN.md documents: the fake
 may only confirm what the broker could carry, exactly as written.
 """
@@ -21,7 +21,7 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from outbox import frames
-from outbox.publisher import AmqpPublisher
+from outbox.batch import properties
 from outbox.relay import Relay
 from outbox.rows import Row
 from outbox.settings import Settings
@@ -70,7 +70,7 @@ def store_with(batch: list[RowSpec]) -> InMemoryStore:
 def framed(row: Row) -> tuple[spec.Basic.Publish, ContentHeader, int, bytes]:
     """The row as the real publisher frames it, decoded again: (method, header, header frame
     size, body)."""
-    props = AmqpPublisher(SETTINGS).properties(row)
+    props = properties(row, SETTINGS.app_id)
     data = frames.marshal_message(1, row.body, row.exchange, row.routing_key, props,
                                   FRAME_MAX - 8)
     decoded: list[tuple[int, Any]] = []
