@@ -62,9 +62,9 @@ def decide(
         elif res.outcome is Outcome.UNSETTLED:
             s.unsettled += 1
         elif res.outcome is Outcome.POISON:
-            s.dead(row.id, res.reason, counted=False)
+            s.park(row.id, res.reason, counted=False)
         elif row.attempts + 1 >= settings.max_attempts:
-            s.dead(row.id, f"{res.reason} (attempt {row.attempts + 1} of "
+            s.park(row.id, f"{res.reason} (attempt {row.attempts + 1} of "
                            f"{settings.max_attempts})", counted=True)
         else:
             delay = backoff(row.attempts + 1, settings.retry_base, settings.retry_max, rng)
@@ -266,8 +266,9 @@ class Relay:
         settlement = decide(rows, results, self.settings, self._rng)
         send.end(rows, results, settlement)
         await session.settle(settlement)
-        if settlement.retry_delays:  # wake a lane when the first of them is due
-            asyncio.get_running_loop().call_later(min(settlement.retry_delays), self._wake)
+        if settlement.retries:  # wake a lane when the first of them is due
+            asyncio.get_running_loop().call_later(
+                min(r.delay for r in settlement.retries), self._wake)
         self._account(rows, results, settlement, confirmed_at)
 
     def _account(self, rows: list[Row], results: list[Result], s: Settlement,
@@ -292,15 +293,16 @@ class Relay:
                 "attempts": [min(attempts), max(attempts)],
                 "reasons": sorted({res.reason for _, res in items})[:FAILED_IDS_LOGGED]}})
         metrics.PUBLISHED.inc(len(s.sent))
-        metrics.DEAD.inc(len(s.dead_ids))
+        metrics.DEAD.inc(len(s.parked))
         metrics.RELEASED.inc(s.unsettled)
         self.counts.published += len(s.sent)
-        self.counts.failed += len(s.retry_ids)
-        self.counts.dead += len(s.dead_ids)
+        self.counts.failed += len(s.retries)
+        self.counts.dead += len(s.parked)
         self.counts.released += s.unsettled
-        if s.dead_ids:
+        if s.parked:
             log.error("rows parked as dead", extra={"fields": {
-                "row_ids": s.dead_ids, "reasons": sorted(set(s.dead_errors))}})
+                "row_ids": [p.id for p in s.parked],
+                "reasons": sorted({p.error for p in s.parked})}})
         # A batch that went back whole (nothing confirmed, nothing failed) says nothing anywhere
         # else: say it, once per reason until a batch gets through, so a relay that keeps
         # releasing is never silent.

@@ -200,14 +200,17 @@ class PgSession:
                 if s.sent:
                     name = "delete_sent" if self.on_sent == "delete" else "mark_sent"
                     await self.conn.execute(self.q[name], {"ids": s.sent}, prepare=True)
-                if s.retry_ids:
+                # one statement per kind of write, over parallel arrays (unnest)
+                if s.retries:
                     await self.conn.execute(self.q["schedule_retry"], {
-                        "ids": s.retry_ids, "delays": s.retry_delays,
-                        "errors": s.retry_errors})
-                if s.dead_ids:
+                        "ids": [r.id for r in s.retries],
+                        "delays": [r.delay for r in s.retries],
+                        "errors": [r.error for r in s.retries]})
+                if s.parked:
                     await self.conn.execute(self.q["park_dead"], {
-                        "ids": s.dead_ids, "errors": s.dead_errors,
-                        "counted": s.dead_counted})
+                        "ids": [p.id for p in s.parked],
+                        "errors": [p.error for p in s.parked],
+                        "counted": [1 if p.counted else 0 for p in s.parked]})
                 await self.conn.execute(self.q["commit"], prepare=True)
 
     async def release(self) -> None:

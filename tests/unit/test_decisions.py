@@ -57,10 +57,13 @@ def test_decide_maps_each_outcome() -> None:
                Result(Outcome.UNSETTLED)]
     s = decide(batch, results, SETTINGS, random.Random(0))
     assert s.sent == [batch[0].id]
-    assert s.retry_ids == [batch[1].id] and 0.5 <= s.retry_delays[0] <= 1.0
-    assert s.dead_ids == [batch[2].id, batch[3].id]
-    assert s.dead_counted == [0, 1]  # poison is parked without counting a publish attempt
-    assert "attempt 3 of 3" in s.dead_errors[1]
+    assert [r.id for r in s.retries] == [batch[1].id] and 0.5 <= s.retries[0].delay <= 1.0
+    assert s.retries[0].error == "nacked"
+    assert [p.id for p in s.parked] == [batch[2].id, batch[3].id]
+    # poison is parked without counting a publish attempt
+    assert [p.counted for p in s.parked] == [False, True]
+    assert s.parked[0].error == "too big"
+    assert "attempt 3 of 3" in s.parked[1].error
     assert s.unsettled == 1
 
 
