@@ -28,6 +28,18 @@ class Writer:
     xids_since: int = 0  # transaction ids assigned since it took its own
 
 
+@dataclass(slots=True, frozen=True)
+class BrokerHealth:
+    """What readiness (``/readyz``) says of the broker side."""
+
+    ready: bool
+    blocked: bool = False  # the broker blocks publishers (memory or disk alarm)
+    problem: str = ""  # why it is not ready, in one line ("" when nothing to say)
+
+
+BLOCKED = "the broker is blocking publishers (memory or disk alarm)"
+
+
 @dataclass(slots=True)
 class Stats:
     """The backlog, as `outbox status` shows it."""
@@ -100,6 +112,11 @@ class Publisher(Protocol):
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until `ready`, at most ``timeout`` seconds, awaiting (never spinning) while
         it is not."""
+        ...
+
+    def health(self) -> BrokerHealth:
+        """`ready`, and why not, for readiness: each reason the publisher knows of (a lost or
+        refused connection, a blocking broker) is one branch here."""
         ...
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:

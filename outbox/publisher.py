@@ -15,6 +15,7 @@ from typing import TypeVar
 import aiormq
 
 from outbox.batch import Batch
+from outbox.ports import BLOCKED, BrokerHealth
 from outbox.rows import Result, Row
 from outbox.settings import Settings
 from outbox.supervisor import Supervisor
@@ -71,6 +72,16 @@ class AmqpPublisher:
 
     async def wait_ready(self, timeout: float) -> bool:
         return await self.broker.wait_ready(timeout)
+
+    def health(self) -> BrokerHealth:
+        ready, blocked = self.ready, self.blocked
+        if blocked:
+            problem = BLOCKED
+        elif not ready:
+            problem = self.problem
+        else:
+            problem = ""
+        return BrokerHealth(ready, blocked, problem)
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
         return await Batch(self.broker, self.settings, rows, lane,

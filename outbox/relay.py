@@ -123,6 +123,17 @@ class Relay:
         return (self.health.database and self.publisher.ready and not self._stopping.is_set()
                 and not self.failure)
 
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """What ``/readyz`` answers: ready, and the state and problems of each side."""
+        broker = self.publisher.health()
+        problems: dict[str, object] = dict(self.health.problems)
+        if broker.problem:
+            problems["broker"] = broker.problem
+        return self.ready, {
+            "database": self.health.database, "broker": broker.ready,
+            "blocked": broker.blocked, "problems": problems,
+        }
+
     def stop(self) -> None:
         """Stop claiming; the lanes settle what they hold and return."""
         if not self._stopping.is_set():

@@ -18,7 +18,7 @@ import orjson
 
 from outbox import limits
 from outbox.exceptions import StoreUnavailable
-from outbox.ports import Stats
+from outbox.ports import BLOCKED, BrokerHealth, Stats
 from outbox.rows import Outcome, Result, Row, Settlement
 
 
@@ -221,6 +221,11 @@ class StubPublisher:
     @property
     def ready(self) -> bool:
         return self.connected and not self.blocked
+
+    def health(self) -> BrokerHealth:
+        problem = (BLOCKED if self.blocked else
+                   "" if self.connected else "not connected to the broker (stub)")
+        return BrokerHealth(self.ready, self.blocked, problem)
 
     async def wait_ready(self, timeout: float) -> bool:
         self.waits += 1

@@ -11,6 +11,7 @@ import pytest
 
 from outbox import wakeup
 from outbox.exceptions import WakeupFlagUnavailable
+from outbox.ports import BLOCKED
 from outbox.relay import Relay, decide, oversized
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
@@ -134,6 +135,33 @@ async def test_no_claims_while_the_broker_is_unavailable() -> None:
     await wait_until(lambda: not store.rows, 5)
     relay.stop()
     await asyncio.wait_for(task, 5)
+
+
+async def test_readiness_says_which_side_is_down_and_why() -> None:
+    """/readyz's answer comes from the relay and the Publisher protocol alone: the broker's
+    problem (a lost connection, a blocking broker) and the database's, each under its name."""
+    store = InMemoryStore()
+    pub = StubPublisher()
+    relay = Relay(SETTINGS, store, pub)
+    async with running(relay):
+        await wait_until(lambda: relay.readiness()[0], 5)
+        assert relay.readiness() == (True, {"database": True, "broker": True, "blocked": False,
+                                            "problems": {}})
+        pub.blocked = True
+        ready, body = relay.readiness()
+        assert not ready and body["broker"] is False and body["blocked"] is True
+        assert body["problems"] == {"broker": BLOCKED}
+        pub.blocked, pub.connected = False, False
+        ready, body = relay.readiness()
+        assert not ready and (body["broker"], body["blocked"]) == (False, False)
+        assert body["problems"] == {"broker": "not connected to the broker (stub)"}
+        pub.connected = True
+        store.down = True
+        await wait_until(lambda: not relay.health.database, 5)
+        ready, body = relay.readiness()
+        assert not ready and body["database"] is False
+        assert "in-memory store is down" in str(body["problems"])
+        store.down = False
 
 
 async def test_lost_database_is_retried_and_unsettled_rows_stay_pending() -> None:
