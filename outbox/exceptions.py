@@ -44,6 +44,11 @@ class SchemaMissing(OutboxError):
     """The outbox tables do not exist in the configured schema: run `outbox migrate`."""
 
 
+DATABASE_AWAY = (StoreUnavailable, PermanentRefusal, SchemaMissing)
+"""The database is unreachable, refuses us or is not migrated: the lanes report these; a
+background task that meets one only retries."""
+
+
 class WakeupFlagUnavailable(OutboxError):
     """The wake-up flag (migration 0002) is missing or not writable by this role.
 

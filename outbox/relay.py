@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 from outbox import metrics, tracing
 from outbox.exceptions import (
+    DATABASE_AWAY,
     OutboxError,
     PermanentRefusal,
     SchemaMissing,
     StoreUnavailable,
 )
 from outbox.ports import Publisher, Store, StoreSession
-from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, Failures, backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
 from outbox.wakeup import Wakeups
@@ -416,29 +417,22 @@ class Relay:
         """Wake a lane on NOTIFY; polling covers the gaps while this reconnects. Any error is
         retried with backoff; one the lanes do not report already (the database's state) is
         logged once, and counted."""
-        failures = 0
-        reported = ""
+        failures = Failures(
+            log, "listen", "listening for notifications failed; lanes poll every "
+            f"{self.settings.poll_interval:g}s until it is back", base=1.0, cap=RECONNECT_CAP,
+            expected=DATABASE_AWAY, rng=self._rng)
         while True:
             try:
                 await self.store.listen(self._heard)
                 raise OutboxError("the listener returned")  # it only ever ends by raising
-            except (StoreUnavailable, PermanentRefusal, SchemaMissing):
-                problem = ""
             except Exception as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                metrics.TASK_ERRORS.labels("listen").inc()
-                if problem != reported:
-                    log.exception("listening for notifications failed; lanes poll every "
-                                  "%gs until it is back", self.settings.poll_interval)
+                error = exc
             finally:
                 listened, self._listening = self._listening, False
                 self._wake_all()  # lanes asleep without a timer poll again until it is back
             if listened:  # it ran: a new outage, retried quickly again and reported again
-                failures = 0
-                reported = ""
-            reported = problem or reported
-            failures += 1
-            await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
+                failures.succeeded()
+            await asyncio.sleep(failures.failed(error))
 
     def _heard(self) -> None:
         """A NOTIFY, or the listener's first call once LISTEN is in place."""
@@ -463,24 +457,18 @@ class Relay:
     async def _refresh_stats(self) -> None:
         """Refresh the backlog gauges every ``stats_interval``, retrying any error with backoff
         (an unmigrated schema too): one the lanes do not report is logged once, and counted."""
-        failures = 0
-        reported = ""
+        interval = self.settings.stats_interval
+        failures = Failures(log, "stats", "cannot refresh the backlog gauges; retrying",
+                            base=interval, cap=max(interval, RECONNECT_CAP),
+                            expected=DATABASE_AWAY, rng=self._rng)
         while True:
             interval = self.settings.stats_interval
             try:
                 st = await self.store.stats()
             except Exception as exc:
-                failures += 1
-                interval = backoff(failures, interval, max(interval, RECONNECT_CAP), self._rng)
-                if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                    metrics.TASK_ERRORS.labels("stats").inc()
-                    problem = f"{type(exc).__name__}: {exc}"
-                    if problem != reported:
-                        log.exception("cannot refresh the backlog gauges; retrying")
-                    reported = problem
+                interval = failures.failed(exc)
             else:
-                failures = 0
-                reported = ""
+                failures.succeeded()
                 metrics.PENDING.set(st.pending)
                 metrics.DEAD_ROWS.set(st.dead)
                 metrics.BLOCKED_KEYS.set(st.blocked_keys)

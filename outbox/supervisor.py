@@ -19,7 +19,7 @@ from aiormq import exceptions as amqp_exc
 from outbox import frames, metrics
 from outbox.amqp import Nodes, close_quietly
 from outbox.exceptions import BrokerUnavailable, OutboxError, PermanentRefusal, UnsupportedClient
-from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, Failures
 from outbox.settings import Settings, redact
 
 # the publisher's logger, as before the split: operators filter on it
@@ -152,7 +152,11 @@ class Supervisor:
         return self.ready
 
     async def _supervise(self) -> None:
-        failures = 0
+        # A bug while holding a connection must not leave the relay without a broker for good:
+        # it is said, counted, and the supervisor connects again after a pause.
+        failures = Failures(log, "broker", "unexpected error while holding the broker connection",
+                            base=RECONNECT_BASE, cap=RECONNECT_CAP, expected=(BrokerUnavailable,),
+                            rng=self._rng)
         while True:
             try:
                 conn, url = await self.nodes.connect()
@@ -161,11 +165,10 @@ class Supervisor:
                 await asyncio.sleep(REFUSED_RETRY)
                 continue
             except BrokerUnavailable as exc:
-                failures += 1
                 self._set_problem(str(exc))
-                await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+                await asyncio.sleep(failures.failed(exc))
                 continue
-            failures = 0
+            failures.succeeded()
             self.check(conn)  # before anyone uses it: a moved private part stops the relay
             error: Exception | None = None
             try:
@@ -180,15 +183,9 @@ class Supervisor:
             if error is None:
                 self._set_problem(problem)
                 continue
-            # A bug here must not leave the relay without a broker for good: say it (once per
-            # kind of error), count it, and connect again after a pause.
-            metrics.TASK_ERRORS.labels("broker").inc()
-            if problem != self.problem:
-                log.error("unexpected error while holding the broker connection",
-                          exc_info=error)
+            delay = failures.failed(error)
             self._set_problem(problem)
-            failures += 1
-            await asyncio.sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+            await asyncio.sleep(delay)
 
     async def _hold(self, conn: aiormq.abc.AbstractConnection, url: str
                     ) -> BaseException | str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ from outbox.exceptions import OutboxError, SchemaMissing
 from outbox.http import HealthServer
 from outbox.ports import Stats
 from outbox.relay import Relay
+from outbox.retry import Failures
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
 from tests.support import wait_until
@@ -210,3 +212,28 @@ async def test_an_error_behind_an_http_request_is_logged_once_and_counted(
         await server.close()
     assert task_errors("http") == before + 2
     assert len([r for r in caplog.records if "HTTP request" in r.message]) == 1
+
+
+def test_a_tasks_failures_are_said_once_counted_and_backed_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one helper of every background task: an unexpected error is counted each time and
+    logged once until the task works again; an expected one (the database away) only backs
+    off; the delays grow to the cap and start over after a success."""
+    log = logging.getLogger("outbox.test")
+    failures = Failures(log, "test_helper", "the helper failed", base=1.0, cap=4.0,
+                        expected=(SchemaMissing,), rng=random.Random(0))
+    before = task_errors("test_helper")
+    with caplog.at_level(logging.ERROR, logger="outbox.test"):
+        delays = [failures.failed(RuntimeError("bug")) for _ in range(4)]
+        delays.append(failures.failed(SchemaMissing()))
+        failures.failed(RuntimeError("another bug"))
+        failures.succeeded()
+        again = failures.failed(RuntimeError("bug"))
+    assert 0.5 <= delays[0] <= 1.0
+    assert all(2.0 <= d <= 4.0 for d in delays[2:])  # capped at 4, jittered to half of it
+    assert 0.5 <= again <= 1.0  # started over
+    assert task_errors("test_helper") == before + 6  # every unexpected error, not the expected
+    said = [(r.getMessage(), r.exc_info is not None) for r in caplog.records
+            if r.name == "outbox.test"]
+    assert said == [("the helper failed", True)] * 3  # bug, another bug, bug after a success
