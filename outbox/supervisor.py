@@ -292,9 +292,10 @@ class Supervisor:
     def renew_channel(self, lane: int, channel: aiormq.Channel) -> None:
         """Give up a lane's channel after the broker nacked rows on it: the next batch opens a
         new one. A channel opened on a node in the moment before a quorum queue elects its new
-        leader goes on nacking every publish to that queue for a minute or more, while a new
-        channel gets acks; after a plain nack (a full queue rejecting publishes) a new channel
-        costs one round trip. Closed in the background, off the lane's path."""
+        leader goes on nacking every publish to that queue long after the election
+        (docs/scaling.md), while a new channel gets acks; after a plain nack (a full queue
+        rejecting publishes) a new channel costs one round trip. Closed in the background, off
+        the lane's path."""
         if self._channels.get(lane) is channel:
             del self._channels[lane]
         self._retire(channel)
