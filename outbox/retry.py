@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass, field
 
 from outbox import metrics
 
@@ -33,6 +34,7 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random | None = N
     return exp * (0.5 + r / 2)
 
 
+@dataclass
 class Failures:
     """The failures in a row of a task that retries for as long as the relay runs (the
     listener, the backlog gauges, the wake-up flag, the broker's supervisor).
@@ -44,18 +46,15 @@ class Failures:
     task works again.
     """
 
-    def __init__(self, log: logging.Logger, task: str, message: str, *, base: float,
-                 cap: float, expected: tuple[type[BaseException], ...] = (),
-                 rng: random.Random | None = None) -> None:
-        self.log = log
-        self.task = task
-        self.message = message
-        self.base = base
-        self.cap = cap
-        self.expected = expected
-        self.rng = rng
-        self.count = 0
-        self._reported = ""
+    log: logging.Logger
+    task: str  # its label in outbox_task_errors_total
+    message: str  # the line that says an unexpected error
+    base: float
+    cap: float
+    expected: tuple[type[BaseException], ...] = ()
+    rng: random.Random | None = None
+    count: int = field(default=0, init=False)  # failures since the task last worked
+    _reported: str = field(default="", init=False)
 
     def failed(self, exc: BaseException) -> float:
         """Note one failure; returns the delay before the next try."""
