@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,13 +27,7 @@ from typing import Any
 
 import psycopg
 
-from bench.postgres_node import binaries
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.postgres_node import as_postgres, binaries, free_port, wait_accepting
 
 
 class PgServer:
@@ -46,7 +38,7 @@ class PgServer:
         self.data = base / name
         self.base = base
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
         self._as = as_user
@@ -69,17 +61,9 @@ class PgServer:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
             start_new_session=True, **self._as)
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg.connect(self.url, connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.base / f"{self.name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"PostgreSQL {self.name} did not start:\n{tail}") \
-                        from None
-                time.sleep(0.1)
+        wait_accepting(self.url, self.proc, self.base / f"{self.name}.log", timeout,
+                       f"PostgreSQL {self.name}")
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the server's whole process group (postmaster and backends): a crash."""
@@ -105,11 +89,7 @@ class PostgresPair:
 
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="outbox-pg-pair-"))
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:  # the server refuses to run as root
-            user = pwd.getpwnam("postgres")
-            os.chown(self.base, user.pw_uid, user.pw_gid)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid}
+        self._as = as_postgres(self.base)
         self.primary = PgServer(self.base, "primary", self._as,
                                 ("synchronous_standby_names=*",))
         self.standby = PgServer(self.base, "standby", self._as)

@@ -9,6 +9,7 @@ import orjson
 from outbox.ports import StoreSession
 from outbox.rows import Settlement
 from tests.contract.conftest import StoreCase
+from tests.support import until
 
 
 async def test_claim_takes_ready_rows_in_id_order_up_to_the_limit(store_case: StoreCase) -> None:
@@ -87,10 +88,13 @@ async def test_settle_removes_sent_reschedules_failed_and_parks_dead(
 async def claim_exactly(session: StoreSession, want: list[int]) -> None:
     """Claim until the batch is ``want``: a keyed row waits while any older transaction in the
     cluster is still open (the ordering horizon), which other sessions may hold for a moment."""
-    async with asyncio.timeout(10):
-        while [r.id for r in await session.claim(10)] != want:
-            await session.release()
-            await asyncio.sleep(0.05)
+    async def claimed() -> bool:
+        if [r.id for r in await session.claim(10)] == want:
+            return True
+        await session.release()
+        return False
+
+    await until(claimed, 10, f"a claim of exactly {want}")
 
 
 async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCase) -> None:

@@ -25,7 +25,7 @@ from tests.faults.conftest import (
     sessions,
     until,
 )
-from tests.faults.test_connections import status
+from tests.faults.harness import recovered, status, under_way
 from tests.proxy import FaultProxy
 from tests.rabbit_node import RabbitNode
 
@@ -61,9 +61,8 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
     queue = support.unique("q")
     settings = on_node(schema, node.url, db_proxy, batch_size=200)
     async with collecting(ledger, [queue], [node.url]) as consumer:
-        ledger.insert(settings, 20_000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 1000, 30, "the drain under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 20_000,
+                                delivered=1000)
         killed_at = time.monotonic()
         await asyncio.to_thread(node.kill)
         await relay.wait_log(r"broker unavailable", 15)
@@ -90,9 +89,7 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
         await relay.wait_log(r"database unavailable", 30)
         assert relay.alive, relay.log_tail()
         db_proxy.restore()
-        await ledger.wait_settled(90)
-        assert relay.alive, relay.log_tail()
-        tally = await ledger.account()
+        tally = await recovered(relay, ledger, 90)
     assert tally.dead == 0
 
 
@@ -149,9 +146,8 @@ async def test_failover_to_the_other_node_when_the_one_in_use_dies(
         queue = support.unique("q")
         settings = on_node(schema, f"{running.url},{other.url}", db_proxy, batch_size=200)
         async with collecting(ledger, [queue], [running.url, other.url]) as consumer:
-            ledger.insert(settings, 10_000, queue)
-            relay = relays(settings)
-            await until(lambda: len(consumer.received) > 500, 30, "the drain under way")
+            relay = await under_way(relays, ledger, consumer, settings, queue, 10_000,
+                                    delivered=500)
             line = await relay.wait_log(r"broker connected", 5)
             port = int(re.findall(r"127\.0\.0\.1:(\d+)", line)[0])
             in_use = nodes[port]

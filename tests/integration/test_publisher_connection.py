@@ -73,7 +73,7 @@ async def test_wait_ready_awaits_while_a_lost_connection_is_still_current(
 
         conn._closing.add_done_callback(closed)  # a lane calling wait_ready in the window
         proxy.cut()  # the broker's side of the connection is gone
-        await support.wait_until(lambda: probes, timeout=10)
+        await support.until(lambda: probes, timeout=10)
         ready, yielded = await asyncio.wait_for(probes[0], 15)
         assert window == [True], "the window was not reached"
         assert yielded, "wait_ready returned without giving the event loop back"
@@ -95,7 +95,7 @@ async def test_a_channel_request_in_flight_when_aiormq_closes_the_connection_is_
         assert conn is not None
         proxy.stall("down")  # Channel.Open reaches the broker; its OpenOk never comes back
         publishing = asyncio.ensure_future(pub.publish([row()], lane=1))
-        await support.wait_until(lambda: conn.channels, timeout=10)  # opening the channel
+        await support.until(lambda: conn.channels, timeout=10)  # opening the channel
         await asyncio.wait_for(conn.close(), 15)  # aiormq's default: exc=CancelledError
         [outcome] = await asyncio.wait_for(
             asyncio.gather(publishing, return_exceptions=True), 15)
@@ -115,7 +115,7 @@ async def test_a_lane_cancelled_while_its_channel_opens_is_cancelled(proxy: Faul
         assert conn is not None
         proxy.stall("down")
         publishing = asyncio.ensure_future(pub.publish([row()], lane=1))
-        await support.wait_until(lambda: conn.channels, timeout=10)
+        await support.until(lambda: conn.channels, timeout=10)
         publishing.cancel()
         await asyncio.wait([publishing], timeout=15)
         assert publishing.cancelled()

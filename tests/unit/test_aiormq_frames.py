@@ -35,7 +35,7 @@ from outbox.exceptions import UnsupportedClient
 from outbox.publisher import AmqpPublisher
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
-from tests.support import wait_until
+from tests.support import until
 
 FRAME_MAX = 131_072
 DEADLINE = 10.0  # every wait of this file; a pass takes milliseconds
@@ -321,7 +321,7 @@ async def test_a_channel_close_is_bisected_to_the_row_that_caused_it(
     assert results[0] == results[1] == results[3] == CONFIRMED, results
     assert (results[2].outcome, results[2].kind) == (Outcome.FAILED, "channel"), results
     assert "NOT_FOUND - no exchange 'missing'" in results[2].reason
-    await wait_until(lambda: broker.closed_ok == [ch, again.channel], DEADLINE)
+    await until(lambda: broker.closed_ok == [ch, again.channel], DEADLINE)
 
 
 async def test_pipelined_confirms_without_the_publisher(conn: aiormq.Connection,
@@ -352,16 +352,16 @@ async def test_reader_died_when_the_broker_goes_away(conn: aiormq.Connection,
                                                      broker: Broker) -> None:
     assert not frames.reader_died(conn)
     broker.cut()
-    await wait_until(lambda: frames.reader_died(conn), DEADLINE)
+    await until(lambda: frames.reader_died(conn), DEADLINE)
 
 
 async def test_blocked_follows_the_brokers_blocked_and_unblocked(conn: aiormq.Connection,
                                                                  broker: Broker) -> None:
     assert not frames.blocked(conn)
     await broker.send(0, spec.Connection.Blocked(reason="low on memory"))
-    await wait_until(lambda: frames.blocked(conn), DEADLINE)
+    await until(lambda: frames.blocked(conn), DEADLINE)
     await broker.send(0, spec.Connection.Unblocked())
-    await wait_until(lambda: not frames.blocked(conn), DEADLINE)
+    await until(lambda: not frames.blocked(conn), DEADLINE)
 
 
 # -- every private part outbox reads fails loudly when gone -------------------------------------

@@ -19,7 +19,7 @@ from outbox.relay import Relay
 from outbox.retry import Failures
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
-from tests.support import wait_until
+from tests.support import until
 
 SETTINGS = Settings.load({"batch_size": 10, "poll_interval": 0.05, "stats_interval": 0.5},
                          environ={})
@@ -78,7 +78,7 @@ async def test_a_lane_never_spins_while_the_broker_is_away() -> None:
     task = asyncio.create_task(relay.run())
     try:
         start = ticker.ticks
-        await wait_until(lambda: ticker.ticks > start + 20 or task.done(), timeout=10)
+        await until(lambda: ticker.ticks > start + 20 or task.done(), timeout=10)
         assert not task.done(), task.exception()
         relay.stop()
         await asyncio.wait_for(task, 5)
@@ -113,7 +113,7 @@ async def test_backlog_gauges_survive_a_relay_started_before_migrate() -> None:
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
     try:
-        await wait_until(lambda: metrics.REGISTRY.get_sample_value("outbox_pending") == 7
+        await until(lambda: metrics.REGISTRY.get_sample_value("outbox_pending") == 7
                          or task.done(), timeout=10)
         assert not task.done(), task.exception()
         assert store.stats_calls > store.missing_for
@@ -144,7 +144,7 @@ async def test_the_listener_survives_an_unexpected_error_says_so_once_and_listen
     before = task_errors("listen")
     task = asyncio.create_task(relay.run())
     try:
-        await wait_until(lambda: (store.listens >= 2 and relay._listening) or task.done(),
+        await until(lambda: (store.listens >= 2 and relay._listening) or task.done(),
                          timeout=10)
         assert not task.done(), task.exception()
     finally:
