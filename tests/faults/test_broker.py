@@ -51,6 +51,21 @@ def on_node(schema: str, amqp_url: str, db: FaultProxy, **changes: object) -> Se
                           database_url=db.url(support.DATABASE_URL), **changes)
 
 
+async def no_transaction_held(db_proxy: FaultProxy, release: float, hold: float,
+                              when: str) -> None:
+    """The relay's batch in flight is released within ``release`` seconds, then no transaction
+    of the relay opens for ``hold`` seconds: it claims nothing while the broker cannot take it."""
+
+    def open_transactions() -> list[tuple[int, str]]:
+        return [s for s in sessions(db_proxy.upstream_ports()) if s[1] == "idle in transaction"]
+
+    await until(lambda: not open_transactions(), release, "the batch in flight released")
+    end = time.monotonic() + hold
+    while time.monotonic() < end:
+        assert not open_transactions(), f"a transaction is open {when}"
+        await asyncio.sleep(0.1)
+
+
 async def test_broker_killed_for_10s_and_database_cut_mid_drain(
     schema: str, running: RabbitNode, db_proxy: FaultProxy, ledger: Ledger,
     relays: Callable[..., RelayProcess],
@@ -66,18 +81,8 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
         killed_at = time.monotonic()
         await asyncio.to_thread(node.kill)
         await relay.wait_log(r"broker unavailable", 15)
-
-        def open_transactions() -> list[tuple[int, str]]:
-            return [s for s in sessions(db_proxy.upstream_ports())
-                    if s[1] == "idle in transaction"]
-
-        # the batch in flight is released; then, while the broker is down, nothing is claimed
-        await until(lambda: not open_transactions(), settings.publish_timeout + 5,
-                    "the batch in flight released")
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            assert not open_transactions(), "a transaction is open while the broker is down"
-            await asyncio.sleep(0.1)
+        await no_transaction_held(db_proxy, settings.publish_timeout + 5, 2,
+                                  "while the broker is down")
         db_proxy.refuse()
         backlog = status(settings)
         print(f"\nstatus with the broker and the database down: {backlog}")
@@ -111,19 +116,9 @@ async def test_memory_alarm_stops_claiming_and_holds_no_transaction(
             # the broker blocks a connection when it next publishes: give the relay rows
             ledger.insert(settings, 500, queue, start=300)
             await relay.wait_log(r"was blocked", 30)
-
-            def open_transactions() -> list[tuple[int, str]]:
-                return [s for s in sessions(db_proxy.upstream_ports())
-                        if s[1] == "idle in transaction"]
-
-            # the batch caught by the block is released at its publish deadline
-            await until(lambda: not open_transactions(), settings.publish_timeout + 5,
-                        "no open transaction")
-            # while blocked, for 3 s: nothing claimed, nothing published, no transaction open
-            end = time.monotonic() + 3
-            while time.monotonic() < end:
-                assert not open_transactions(), "a transaction is open while blocked"
-                await asyncio.sleep(0.1)
+            # the batch caught by the block is released at its publish deadline; while
+            # blocked: nothing claimed, nothing published, no transaction open
+            await no_transaction_held(db_proxy, settings.publish_timeout + 5, 3, "while blocked")
             assert len(consumer.received) == seen
             assert support.count(settings.replace(database_url=support.DATABASE_URL),
                                  "sent_at IS NULL AND attempts = 0") == 500
