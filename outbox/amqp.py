@@ -150,15 +150,18 @@ async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:
 
 
 class _Closable(Protocol):
-    async def close(self) -> object: ...
+    async def close(self, exc: BaseException | None = ...) -> object: ...
 
 
-async def close_quietly(what: _Closable, timeout: float = 2.0) -> None:
+async def close_quietly(what: _Closable, timeout: float = 2.0,
+                        reason: BaseException | None = None) -> None:
     """Close a connection or channel that may be broken already: aiormq's close waits for the
-    peer, which a lost connection never answers, and any error means it is closed anyway."""
+    peer, which a lost connection never answers, and any error means it is closed anyway.
+    ``reason`` is what the requests still in flight on it fail with (aiormq's own default
+    otherwise)."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(timeout):
-            await what.close()
+            await (what.close() if reason is None else what.close(reason))
 
 
 class Nodes:

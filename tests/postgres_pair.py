@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,16 +32,10 @@ from urllib.parse import urlencode
 
 import psycopg
 
-from bench.postgres_node import binaries
+from bench.postgres_node import as_postgres, binaries, free_port, wait_accepting
 
 if TYPE_CHECKING:
     from tests.certs import ServerCert
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgServer:
@@ -54,7 +46,7 @@ class PgServer:
         self.data = base / name
         self.base = base
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.options = options
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
@@ -114,17 +106,9 @@ class PgServer:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
             start_new_session=True, **self._as)
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg.connect(self.url, connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.base / f"{self.name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"PostgreSQL {self.name} did not start:\n{tail}") \
-                        from None
-                time.sleep(0.1)
+        wait_accepting(self.url, self.proc, self.base / f"{self.name}.log", timeout,
+                       f"PostgreSQL {self.name}")
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the server's whole process group (postmaster and backends): a crash."""
@@ -153,11 +137,7 @@ class PostgresPair:
         certificates against its CA when offered); ``standby=False``: the primary alone."""
         self.base = Path(tempfile.mkdtemp(prefix="outbox-pg-pair-"))
         self.with_standby = standby
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:  # the server refuses to run as root
-            user = pwd.getpwnam("postgres")
-            os.chown(self.base, user.pw_uid, user.pw_gid)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid}
+        self._as = as_postgres(self.base)
         self.primary = PgServer(self.base, "primary", self._as,
                                 ("synchronous_standby_names=*",) if standby else (), tls)
         self.standby = PgServer(self.base, "standby", self._as, tls=tls)

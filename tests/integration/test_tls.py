@@ -135,7 +135,8 @@ async def relay_refusal(settings: Settings, component: str) -> str:
     try:
         line = await relay.wait_log(f'"{component} unavailable"', 60)
         error = str(orjson.loads(line)["error"])
-        await support.wait_until(lambda: http_get(port, "/readyz")[0] == 503, 30)
+        await support.until(lambda: http_get(port, "/readyz")[0] == 503, 30,
+                            "/readyz answering 503")
         status, body = http_get(port, "/readyz")
         ready = orjson.loads(body)
         assert status == 503 and ready["problems"][component] == error, ready
@@ -178,7 +179,8 @@ async def consumer_refusal(settings: Settings, queue: str, message: str) -> str:
     try:
         await consumer.start()
         try:
-            await support.wait_until(lambda: any(m == message for m, _ in errors.records), 60)
+            await support.until(lambda: any(m == message for m, _ in errors.records), 60,
+                                "the refusal logged")
         finally:
             await consumer.close()
     finally:
@@ -222,7 +224,8 @@ async def test_relay_and_consumer_deliver_over_tls(
     consumer = Consumer(queue, handle, settings=settings, declare=False)
     await consumer.start()
     try:
-        await support.wait_until(lambda: consumer.counts.applied >= ROWS, 60)
+        await support.until(lambda: consumer.counts.applied >= ROWS, 60,
+                            "every row applied")
         if client_cert:  # the broker saw and accepted our certificate
             listing = rabbitmqctl(node, "list_connections", "ssl", "peer_cert_subject")
             assert "CN=outbox-relay" in listing, listing
