@@ -88,6 +88,8 @@ def health(relay: Relay, publisher: AmqpPublisher) -> tuple[bool, dict[str, obje
         problems["broker"] = publisher.problem
     if publisher.blocked:
         problems["broker"] = "the broker is blocking publishers (memory or disk alarm)"
+    if unconfirmed := relay.unconfirmed:
+        problems["confirms"] = unconfirmed
     return relay.ready, {
         "database": relay.health.database, "broker": publisher.ready,
         "blocked": publisher.blocked, "problems": problems,
