@@ -27,15 +27,8 @@ from outbox import migrate
 from outbox.settings import Settings
 from outbox.store import READ_ONLY
 from tests import support
-from tests.faults.conftest import (
-    Collector,
-    Ledger,
-    RelayProcess,
-    collecting,
-    fault_settings,
-    readyz,
-    until,
-)
+from tests.faults.conftest import Collector, Ledger, RelayProcess, collecting, fault_settings, until
+from tests.faults.harness import readyz
 from tests.postgres_pair import PostgresPair
 
 pytestmark = pytest.mark.faults
