@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from outbox import metrics, tracing
+from outbox.confirms import ConfirmWatch
 from outbox.exceptions import (
     DATABASE_AWAY,
     OutboxError,
@@ -114,6 +115,7 @@ class Relay:
         self._lanes_connected: set[int] = set()
         self.failure = ""  # why a background task ended: the relay stops and exits non-zero
         self._released_reason = ""  # why the last batch went back whole (logged once)
+        self.confirms = ConfirmWatch()  # publishes timing out with no answer: not ready
         self._ending = False  # run() is cancelling its helpers itself
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
@@ -122,7 +124,12 @@ class Relay:
     @property
     def ready(self) -> bool:
         return (self.health.database and self.publisher.ready and not self._stopping.is_set()
-                and not self.failure)
+                and not self.failure and not self.confirms.stalled)
+
+    @property
+    def unconfirmed(self) -> str:
+        """Why the broker seems to confirm nothing (`outbox.confirms`), or ""."""
+        return self.confirms.problem(time.monotonic())
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """What ``/readyz`` answers: ready, and the state and problems of each side."""
@@ -130,6 +137,8 @@ class Relay:
         problems: dict[str, object] = dict(self.health.problems)
         if broker.problem:
             problems["broker"] = broker.problem
+        if unconfirmed := self.unconfirmed:
+            problems["confirms"] = unconfirmed
         return self.ready, {
             "database": self.health.database, "broker": broker.ready,
             "blocked": broker.blocked, "problems": problems,
@@ -263,6 +272,7 @@ class Relay:
         self.counts.batches += 1
         send = self._traces.send(rows)
         poison = oversized(rows, self.settings.max_body_bytes)
+        started = time.monotonic()
         if poison:
             sendable = [r for i, r in enumerate(rows) if i not in poison]
             published = iter(await self.publisher.publish(sendable, lane))
@@ -270,6 +280,7 @@ class Relay:
         else:
             results = await self.publisher.publish(rows, lane)
         confirmed_at = time.time()
+        self._watch_confirms(results, started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch published", extra={"fields": {
                 "lane": lane, "rows": len(rows), "at": confirmed_at, "confirmed_ids": [
@@ -327,6 +338,20 @@ class Relay:
                 log.warning("batch released: nothing was confirmed; the rows stay pending",
                             extra={"fields": {"rows": len(rows), "reason": reason}})
             self._released_reason = reason
+
+    def _watch_confirms(self, results: list[Result], started: float) -> None:
+        was = self.confirms.stalled
+        if any(r.outcome is Outcome.CONFIRMED or r.kind in ("nack", "returned") for r in results):
+            self.confirms.answered()
+        elif any(r.kind == "timeout" for r in results):
+            self.confirms.timed_out(started)
+        if self.confirms.stalled != was:
+            if was:
+                log.info("publishes confirmed again")
+            else:
+                log.warning("not ready: the broker confirms nothing", extra={"fields": {
+                    "problem": self.unconfirmed}})
+            self._refresh_ready()
 
     async def _drop(self, session: StoreSession | None) -> None:
         if session is not None:

@@ -19,6 +19,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,17 @@ class RelayProcess:
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.lines[-n:])
+
+
+def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return int(r.status), orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), orjson.loads(e.read())
+    except OSError:
+        return 0, {}
 
 
 def rabbitmqctl(node: RabbitNode, *args: str, timeout: float = 60) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import orjson
@@ -25,6 +23,7 @@ from tests.faults.conftest import (
     collecting,
     execute,
     fault_settings,
+    readyz,
     sessions,
     terminate,
     until,
@@ -175,17 +174,6 @@ async def test_slow_links_deliver_everything_without_failures(
         tally = await ledger.account()
         assert not relay.logged(r"publish failed"), relay.log_tail()
     assert tally.duplicates == 0 and tally.dead == 0
-
-
-def readyz(port: int) -> tuple[int, dict[str, object]]:
-    """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return int(r.status), orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return int(e.code), orjson.loads(e.read())
-    except OSError:
-        return 0, {}
 
 
 async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
