@@ -25,7 +25,7 @@ demo: $(STAMP)  ## migrate a demo schema, produce events with plain SQL, relay, 
 test: $(STAMP)  ## the whole suite: unit, contract, integration, faults, manifests (not the 3-node cluster)
 	$(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics -m "not cluster"
 
-test-cluster: $(STAMP)  ## fault tests on a private 3-node RabbitMQ cluster with quorum queues (~5 min)
+test-cluster: $(STAMP)  ## fault tests on a private 3-node RabbitMQ cluster with quorum queues; CI runs it after make test (2-5 min on 2 cores)
 	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/faults/test_cluster.py
 
 test-unit: $(STAMP)  ## unit tests only (no services)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,12 +146,18 @@ class Queue:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        conn = await aiormq.connect(AMQP_URL)
-        try:
-            ch = await conn.channel()
-            await ch.queue_delete(self.name)
-        finally:
-            await conn.close()
+        await delete_queues(AMQP_URL, [self.name])
+
+
+async def delete_queues(amqp_url: str, names: Iterable[str]) -> None:
+    """Delete queues (the benchmark's, and the tests' through `tests.support`)."""
+    conn = await aiormq.connect(amqp_url)
+    try:
+        ch = await conn.channel()
+        for name in names:
+            await ch.queue_delete(name)
+    finally:
+        await conn.close()
 
 
 def relay_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import psycopg
 from pamqp import commands as spec
 from psycopg import sql
 
-from bench.common import body
+from bench.common import body, delete_queues
 from outbox import migrate
 from outbox.consumer import Consumer, Message
 from outbox.settings import Settings
@@ -40,16 +40,6 @@ async def _fill(amqp_url: str, queue: str, n: int) -> None:
                     message_id=str(uuid.uuid4()), delivery_mode=2,
                     content_type="application/json"))
                 for i in range(start, min(n, start + PUBLISH_WINDOW))))
-    finally:
-        await conn.close()
-
-
-async def _delete_queues(amqp_url: str, names: list[str]) -> None:
-    conn = await aiormq.connect(amqp_url)
-    try:
-        ch = await conn.channel()
-        for name in names:
-            await ch.queue_delete(name)
     finally:
         await conn.close()
 
@@ -127,7 +117,7 @@ async def inbox_consume_rate(database_url: str, amqp_url: str, n: int = 20000,
             await consumer.close()
             names += [consumer.dead_letter_routing_key,
                       *{consumer.retry_queue(a) for a in range(1, consumer.max_attempts)}]
-        await _delete_queues(amqp_url, names)
+        await delete_queues(amqp_url, names)
         _schema(database_url, schema, create=False)
 
 

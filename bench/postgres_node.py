@@ -47,10 +47,36 @@ def binaries() -> Path:
     return Path(initdb).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def as_postgres(base: Path) -> dict[str, Any]:
+    """The `subprocess` arguments that run a server (or initdb) on ``base``: as the postgres
+    user when we are root, since the server refuses to run as root (``base`` is given to it)."""
+    if os.geteuid() != 0:
+        return {}
+    user = pwd.getpwnam("postgres")
+    os.chown(base, user.pw_uid, user.pw_gid)
+    return {"user": user.pw_uid, "group": user.pw_gid}
+
+
+def wait_accepting(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float,
+                   what: str) -> None:
+    """Wait until the server ``proc`` started accepts connections at ``url``; raises
+    RuntimeError with the end of its ``log`` if it exits or is not up within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            return
+        except psycopg.OperationalError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{what} did not start:\n{tail}") from None
+            time.sleep(0.1)
 
 
 class PostgresNode:
@@ -58,16 +84,12 @@ class PostgresNode:
 
     def __init__(self, start_timeout: float = 60.0,
                  settings: Mapping[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.settings = dict(settings or {})
         self.start_timeout = start_timeout
         self.base = Path(tempfile.mkdtemp(prefix="outbox-bench-pg-"))
         self.proc: subprocess.Popen[bytes] | None = None
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:  # the server refuses to run as root
-            user = pwd.getpwnam("postgres")
-            os.chown(self.base, user.pw_uid, user.pw_gid)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid}
+        self._as = as_postgres(self.base)
 
     @property
     def url(self) -> str:
@@ -87,18 +109,13 @@ class PostgresNode:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
             start_new_session=True, **self._as)
         log.close()
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            try:
-                psycopg.connect(self.url, connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.base / "server.log").read_text(errors="replace")[-2000:]
-                    self.__exit__()
-                    raise RuntimeError(f"the private PostgreSQL did not start:\n{tail}") \
-                        from None
-                time.sleep(0.1)
+        try:
+            wait_accepting(self.url, self.proc, self.base / "server.log", self.start_timeout,
+                           "the private PostgreSQL")
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -19,9 +19,9 @@ from pathlib import Path
 from bench.common import Queue, Schema, progress, relay_env
 
 RATE = 200
-STAGES = ("Relay._lane", "Relay._process", "AmqpPublisher._publish_into", "publish_pipelined",
+STAGES = ("Relay._lane", "Relay._process", "Batch.publish_into", "publish_pipelined",
           "Channel.basic_publish", "marshal_message", "_header_frame", "ChannelFrame.marshall",
-          "PgSession.claim", "PgSession.settle", "row_from_record", "AmqpPublisher.properties",
+          "PgSession.claim", "PgSession.settle", "row_from_record", "properties",
           "Relay._account", "Connection.__writer", "Channel._reader", "Pipelined.wait")
 _FRAME = re.compile(r"(.*) \((.*):\d+\)")
 

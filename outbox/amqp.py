@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Sequence
 from typing import Protocol
@@ -26,7 +27,57 @@ PERMANENT: tuple[type[BaseException], ...] = (
     amqp_exc.ConnectionNotAllowed, ssl.SSLCertVerificationError,
 )
 """Connection errors that mean "refused": the same URL fails the same way until someone fixes
-the credentials, the vhost or the certificates."""
+the credentials, the vhost or the certificates. aiormq wraps the TLS ones in an
+AMQPConnectionError: `refusal` looks through the wrapping."""
+
+# TLS alerts by which the broker refuses our client certificate (OpenSSL's reason codes)
+_CLIENT_CERT_REFUSED = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_ACCESS_DENIED",
+})
+# verify codes that mean "not signed by a CA in cafile" (X509_V_ERR_*)
+_UNTRUSTED = frozenset({18, 19, 20, 21})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first (aiormq's own errors may form a cycle)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and not any(cur is s for s in seen):
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if isinstance(exc, PERMANENT):
+        return True
+    return isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERT_REFUSED
+
+
+def _bad_pem(exc: BaseException) -> bool:
+    """ssl's error for a CA, certificate or key file it cannot use."""
+    return isinstance(exc, ssl.SSLError) and (
+        exc.library in ("X509", "PEM") or "PEM lib" in str(exc))
+
+
+def refusal(exc: BaseException) -> BaseException | None:
+    """The permanent refusal behind ``exc`` (itself or a cause), or None if it is none."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) or _bad_pem(exc):
+        # not wrapped by aiormq, so raised before connecting: the cafile, certfile or keyfile
+        # cannot be loaded (missing, unreadable, not PEM, a key that does not match)
+        return exc
+    return next((e for e in _chain(exc) if _is_refusal(e)), None)
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    """OpenSSL's words without the codes: "[SSL: X] tlsv1 alert unknown ca (_ssl.c:2580)" ->
+    "tlsv1 alert unknown ca"."""
+    text = str(exc.strerror or exc)
+    text = text.split("] ", 1)[-1]
+    return text.split(" (_ssl.c:", 1)[0]
 
 
 def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
@@ -38,27 +89,53 @@ def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def describe_refusal(exc: BaseException) -> str:
-    """What a refusal of `PERMANENT` means, in words an operator can act on."""
+def _unreadable_files(url: str) -> list[str]:
+    """The URL's cafile, certfile and keyfile that cannot be read, as ``name=path``."""
+    query = dict(parse_qsl(urlsplit(url).query))
+    return [f"{name}={query[name]}" for name in ("cafile", "certfile", "keyfile")
+            if name in query and not os.access(query[name], os.R_OK)]
+
+
+def describe_refusal(exc: BaseException, url: str = "") -> str:
+    """What a permanent refusal (see `refusal`) means, in words an operator can act on;
+    ``url``, the one refused, names a missing TLS file."""
+    exc = refusal(exc) or exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS verification failed: {exc.verify_message or exc}"
+        why = exc.verify_message or _ssl_text(exc)
+        if exc.verify_code in _UNTRUSTED:
+            why += " (the broker's certificate is not signed by a trusted CA: check cafile)"
+        return f"TLS: certificate verify failed: {why}"
     if isinstance(exc, amqp_exc.ConnectionNotAllowed):
         return f"access refused (unknown vhost or no permission): {exc}"
-    return f"authentication failed (check the user and password): {exc}"
+    if isinstance(exc, (amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError)):
+        # aiormq's errors are OSErrors too: these before the file errors below
+        return f"authentication failed (check the user and password): {exc}"
+    if isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERT_REFUSED:
+        return (f"TLS: the broker refused the client certificate ({_ssl_text(exc)}); "
+                "check certfile and keyfile")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: cannot load the URL's cafile, certfile or keyfile ({_ssl_text(exc)})"
+    if isinstance(exc, OSError):
+        files = ", ".join(_unreadable_files(url)) or "the URL's cafile, certfile or keyfile"
+        return f"TLS: cannot load {files} ({exc.strerror or exc})"
+    return f"refused: {exc}"
 
 
-def describe_connect_error(exc: BaseException) -> str:
-    """Why connecting failed: a refusal as `describe_refusal` says, anything else "cannot
-    connect"."""
-    if isinstance(exc, PERMANENT):
-        return describe_refusal(exc)
+def describe_connect_error(exc: BaseException, url: str = "") -> str:
+    """Why connecting to ``url`` failed: a refusal as `describe_refusal` says, anything else
+    "cannot connect"."""
+    if refusal(exc) is not None:
+        return describe_refusal(exc, url)
+    for cause in _chain(exc):
+        if isinstance(cause, ssl.SSLError):  # e.g. amqps:// to a plain port
+            return f"cannot connect (TLS: {_ssl_text(cause)})"
     return f"cannot connect ({str(exc) or type(exc).__name__})"
 
 
 async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:
     """Connect to one node within ``timeout`` seconds.
 
-    Raises `PermanentRefusal` for an error of `PERMANENT`, `BrokerUnavailable` for any other:
+    Raises `PermanentRefusal` for a `refusal`, `BrokerUnavailable` for any other error:
     aiormq raises more than AMQPError when the peer closes during the handshake
     (StopAsyncIteration, RuntimeError…), and all of them mean "no connection".
     """
@@ -66,22 +143,25 @@ async def connect(url: str, timeout: float) -> aiormq.abc.AbstractConnection:
         async with asyncio.timeout(timeout):
             return await aiormq.connect(url)
     except Exception as exc:
-        problem = f"broker {redact(url)}: {describe_connect_error(exc)}"
-        if isinstance(exc, PERMANENT):
+        problem = f"broker {redact(url)}: {describe_connect_error(exc, url)}"
+        if refusal(exc) is not None:
             raise PermanentRefusal(problem) from exc
         raise BrokerUnavailable(problem) from exc
 
 
 class _Closable(Protocol):
-    async def close(self) -> object: ...
+    async def close(self, exc: BaseException | None = ...) -> object: ...
 
 
-async def close_quietly(what: _Closable, timeout: float = 2.0) -> None:
+async def close_quietly(what: _Closable, timeout: float = 2.0,
+                        reason: BaseException | None = None) -> None:
     """Close a connection or channel that may be broken already: aiormq's close waits for the
-    peer, which a lost connection never answers, and any error means it is closed anyway."""
+    peer, which a lost connection never answers, and any error means it is closed anyway.
+    ``reason`` is what the requests still in flight on it fail with (aiormq's own default
+    otherwise)."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(timeout):
-            await what.close()
+            await (what.close() if reason is None else what.close(reason))
 
 
 class Nodes:

@@ -376,7 +376,7 @@ class Doctor:
                     conn = await amqp.connect(full, s.db_timeout + 1)
                 except (BrokerUnavailable, PermanentRefusal) as exc:
                     # reported against the URL as configured, not with the defaults added
-                    failures.append((url, amqp.describe_connect_error(exc.__cause__ or exc)))
+                    failures.append((url, amqp.describe_connect_error(exc.__cause__ or exc, url)))
                     continue
                 props = conn.server_properties or {}
                 product = f"{_text(props.get('product'))} {_text(props.get('version'))}"

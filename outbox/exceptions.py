@@ -1,7 +1,7 @@
 """The one exception hierarchy of outbox.
 
 Driver errors (psycopg, aiormq) are translated into these at the edge, in `store.py`, `amqp.py`
-and `publisher.py`; the relay core only ever sees these types.
+and `batch.py`; the relay core only ever sees these types.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ class PermanentRefusal(OutboxError):
 
 class SchemaMissing(OutboxError):
     """The outbox tables do not exist in the configured schema: run `outbox migrate`."""
+
+
+DATABASE_AWAY = (StoreUnavailable, PermanentRefusal, SchemaMissing)
+"""The database is unreachable, refuses us or is not migrated: the lanes report these; a
+background task that meets one only retries."""
 
 
 class WakeupFlagUnavailable(OutboxError):

@@ -48,3 +48,11 @@ def setup(level: str = "info") -> None:
     # aiormq and alembic are chatty at INFO; keep their warnings.
     for name in ("aiormq", "alembic"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("aiormq.connection").addFilter(_not_transport_error)
+
+
+def _not_transport_error(record: logging.LogRecord) -> bool:
+    """aiormq logs every failed connection attempt, with OpenSSL's codes, before raising; the
+    caller reports that same failure in its own line (a refusal: once), so aiormq's is a
+    second, noisier line per attempt."""
+    return record.msg != "error when creating transport: %r"

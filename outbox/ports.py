@@ -28,6 +28,18 @@ class Writer:
     xids_since: int = 0  # transaction ids assigned since it took its own
 
 
+@dataclass(slots=True, frozen=True)
+class BrokerHealth:
+    """What readiness (``/readyz``) says of the broker side."""
+
+    ready: bool
+    blocked: bool = False  # the broker blocks publishers (memory or disk alarm)
+    problem: str = ""  # why it is not ready, in one line ("" when nothing to say)
+
+
+BLOCKED = "the broker is blocking publishers (memory or disk alarm)"
+
+
 @dataclass(slots=True)
 class Stats:
     """The backlog, as `outbox status` shows it."""
@@ -49,25 +61,20 @@ class StoreSession(Protocol):
 
     async def claim(self, limit: int) -> list[Row]:
         """Begin a transaction and lock up to ``limit`` ready rows, in id order."""
-        ...
 
     async def settle(self, settlement: Settlement) -> None:
         """Apply the batch's writes and commit (which releases the rows' locks)."""
-        ...
 
     async def release(self) -> None:
         """Roll back: every claimed row goes back to pending untouched."""
-        ...
 
     async def want_wakeups(self, wanted: bool) -> bool:
         """Raise or lower the flag that makes inserts send a NOTIFY (outbox.wakeup); True when
         it changed. Raises WakeupFlagUnavailable when it cannot be written."""
-        ...
 
     async def newest_id(self) -> int:
         """The highest id of the outbox this session can see (0 when empty): the wake-up
         probe's question, so it must cost next to nothing."""
-        ...
 
     async def close(self) -> None: ...
 
@@ -77,12 +84,10 @@ class Store(Protocol):
 
     async def session(self) -> StoreSession:
         """Open a connection for one lane (raises StoreUnavailable, PermanentRefusal)."""
-        ...
 
     async def listen(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` once listening (rows may have come before), then on every NOTIFY of
         the outbox, until the connection fails (raises)."""
-        ...
 
     async def stats(self) -> Stats: ...
 
@@ -100,7 +105,10 @@ class Publisher(Protocol):
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until `ready`, at most ``timeout`` seconds, awaiting (never spinning) while
         it is not."""
-        ...
+
+    def health(self) -> BrokerHealth:
+        """`ready`, and why not, for readiness: each reason the publisher knows of (a lost or
+        refused connection, a blocking broker) is one branch here."""
 
     async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
         """Publish the rows in order, await their confirms; one `Result` per row.
@@ -108,4 +116,3 @@ class Publisher(Protocol):
         Never raises for a per-row problem or a lost connection: those are results (a lost
         connection makes the unconfirmed rows UNSETTLED).
         """
-        ...

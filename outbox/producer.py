@@ -62,38 +62,48 @@ def enqueue(target: Any, routing_key: str, payload: Any = None, *, schema: str =
             **options: Any) -> UUID:
     """Insert one event through ``target`` (a SQLAlchemy Session/Connection or a psycopg
     Connection), inside its current transaction; returns the event's ``message_id``."""
-    span = tracing.start_create(routing_key, options)  # None unless a span is active
-    try:
+    with _Creating(routing_key, options) as creating:
         params = event_params(routing_key, payload, **options)
         if _is_psycopg(target):
             row = target.execute(for_schema(schema)["enqueue"], params).fetchone()
         else:
             row = target.execute(_sqlalchemy_statement(schema), params).one()
-        message_id = as_uuid(row[0])
-    except BaseException as exc:
-        tracing.end_create(span, error=exc)
-        raise
-    tracing.end_create(span, message_id)
+        message_id = creating.message_id = as_uuid(row[0])
     return message_id
 
 
 async def enqueue_async(target: Any, routing_key: str, payload: Any = None, *,
                         schema: str = "public", **options: Any) -> UUID:
     """`enqueue` for a SQLAlchemy AsyncSession/AsyncConnection or a psycopg AsyncConnection."""
-    span = tracing.start_create(routing_key, options)
-    try:
+    with _Creating(routing_key, options) as creating:
         params = event_params(routing_key, payload, **options)
         if _is_psycopg(target):
             cur = await target.execute(for_schema(schema)["enqueue"], params)
             row = await cur.fetchone()
         else:
             row = (await target.execute(_sqlalchemy_statement(schema), params)).one()
-        message_id = as_uuid(row[0])
-    except BaseException as exc:
-        tracing.end_create(span, error=exc)
-        raise
-    tracing.end_create(span, message_id)
+        message_id = creating.message_id = as_uuid(row[0])
     return message_id
+
+
+class _Creating:
+    """The ``create`` span of one event, around its insert (nothing unless a span is active):
+    ended with the event's message id, or with the error that stopped it."""
+
+    __slots__ = ("message_id", "span")
+
+    def __init__(self, routing_key: str, options: dict[str, Any]) -> None:
+        self.span = tracing.start_create(routing_key, options)  # may add to the headers
+        self.message_id: UUID | None = None
+
+    def __enter__(self) -> _Creating:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            tracing.end_create(self.span, error=exc)
+        else:
+            tracing.end_create(self.span, self.message_id)
 
 
 def _is_psycopg(target: Any) -> bool:

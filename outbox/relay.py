@@ -23,14 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from outbox import metrics, tracing
+from outbox.confirms import ConfirmWatch
 from outbox.exceptions import (
+    DATABASE_AWAY,
     OutboxError,
     PermanentRefusal,
     SchemaMissing,
     StoreUnavailable,
 )
 from outbox.ports import Publisher, Store, StoreSession
-from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, Failures, backoff
 from outbox.rows import Outcome, Result, Row, Settlement
 from outbox.settings import Settings
 from outbox.wakeup import Wakeups
@@ -62,9 +64,9 @@ def decide(
         elif res.outcome is Outcome.UNSETTLED:
             s.unsettled += 1
         elif res.outcome is Outcome.POISON:
-            s.dead(row.id, res.reason, counted=False)
+            s.park(row.id, res.reason, counted=False)
         elif row.attempts + 1 >= settings.max_attempts:
-            s.dead(row.id, f"{res.reason} (attempt {row.attempts + 1} of "
+            s.park(row.id, f"{res.reason} (attempt {row.attempts + 1} of "
                            f"{settings.max_attempts})", counted=True)
         else:
             delay = backoff(row.attempts + 1, settings.retry_base, settings.retry_max, rng)
@@ -113,6 +115,7 @@ class Relay:
         self._lanes_connected: set[int] = set()
         self.failure = ""  # why a background task ended: the relay stops and exits non-zero
         self._released_reason = ""  # why the last batch went back whole (logged once)
+        self.confirms = ConfirmWatch()  # publishes timing out with no answer: not ready
         self._ending = False  # run() is cancelling its helpers itself
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
@@ -121,7 +124,25 @@ class Relay:
     @property
     def ready(self) -> bool:
         return (self.health.database and self.publisher.ready and not self._stopping.is_set()
-                and not self.failure)
+                and not self.failure and not self.confirms.stalled)
+
+    @property
+    def unconfirmed(self) -> str:
+        """Why the broker seems to confirm nothing (`outbox.confirms`), or ""."""
+        return self.confirms.problem(time.monotonic())
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """What ``/readyz`` answers: ready, and the state and problems of each side."""
+        broker = self.publisher.health()
+        problems: dict[str, object] = dict(self.health.problems)
+        if broker.problem:
+            problems["broker"] = broker.problem
+        if unconfirmed := self.unconfirmed:
+            problems["confirms"] = unconfirmed
+        return self.ready, {
+            "database": self.health.database, "broker": broker.ready,
+            "blocked": broker.blocked, "problems": problems,
+        }
 
     def stop(self) -> None:
         """Stop claiming; the lanes settle what they hold and return."""
@@ -251,6 +272,7 @@ class Relay:
         self.counts.batches += 1
         send = self._traces.send(rows)
         poison = oversized(rows, self.settings.max_body_bytes)
+        started = time.monotonic()
         if poison:
             sendable = [r for i, r in enumerate(rows) if i not in poison]
             published = iter(await self.publisher.publish(sendable, lane))
@@ -258,6 +280,7 @@ class Relay:
         else:
             results = await self.publisher.publish(rows, lane)
         confirmed_at = time.time()
+        self._watch_confirms(results, started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch published", extra={"fields": {
                 "lane": lane, "rows": len(rows), "at": confirmed_at, "confirmed_ids": [
@@ -266,8 +289,9 @@ class Relay:
         settlement = decide(rows, results, self.settings, self._rng)
         send.end(rows, results, settlement)
         await session.settle(settlement)
-        if settlement.retry_delays:  # wake a lane when the first of them is due
-            asyncio.get_running_loop().call_later(min(settlement.retry_delays), self._wake)
+        if settlement.retries:  # wake a lane when the first of them is due
+            asyncio.get_running_loop().call_later(
+                min(r.delay for r in settlement.retries), self._wake)
         self._account(rows, results, settlement, confirmed_at)
 
     def _account(self, rows: list[Row], results: list[Result], s: Settlement,
@@ -292,15 +316,16 @@ class Relay:
                 "attempts": [min(attempts), max(attempts)],
                 "reasons": sorted({res.reason for _, res in items})[:FAILED_IDS_LOGGED]}})
         metrics.PUBLISHED.inc(len(s.sent))
-        metrics.DEAD.inc(len(s.dead_ids))
+        metrics.DEAD.inc(len(s.parked))
         metrics.RELEASED.inc(s.unsettled)
         self.counts.published += len(s.sent)
-        self.counts.failed += len(s.retry_ids)
-        self.counts.dead += len(s.dead_ids)
+        self.counts.failed += len(s.retries)
+        self.counts.dead += len(s.parked)
         self.counts.released += s.unsettled
-        if s.dead_ids:
+        if s.parked:
             log.error("rows parked as dead", extra={"fields": {
-                "row_ids": s.dead_ids, "reasons": sorted(set(s.dead_errors))}})
+                "row_ids": [p.id for p in s.parked],
+                "reasons": sorted({p.error for p in s.parked})}})
         # A batch that went back whole (nothing confirmed, nothing failed) says nothing anywhere
         # else: say it, once per reason until a batch gets through, so a relay that keeps
         # releasing is never silent.
@@ -313,6 +338,20 @@ class Relay:
                 log.warning("batch released: nothing was confirmed; the rows stay pending",
                             extra={"fields": {"rows": len(rows), "reason": reason}})
             self._released_reason = reason
+
+    def _watch_confirms(self, results: list[Result], started: float) -> None:
+        was = self.confirms.stalled
+        if any(r.outcome is Outcome.CONFIRMED or r.kind in ("nack", "returned") for r in results):
+            self.confirms.answered()
+        elif any(r.kind == "timeout" for r in results):
+            self.confirms.timed_out(started)
+        if self.confirms.stalled != was:
+            if was:
+                log.info("publishes confirmed again")
+            else:
+                log.warning("not ready: the broker confirms nothing", extra={"fields": {
+                    "problem": self.unconfirmed}})
+            self._refresh_ready()
 
     async def _drop(self, session: StoreSession | None) -> None:
         if session is not None:
@@ -403,29 +442,22 @@ class Relay:
         """Wake a lane on NOTIFY; polling covers the gaps while this reconnects. Any error is
         retried with backoff; one the lanes do not report already (the database's state) is
         logged once, and counted."""
-        failures = 0
-        reported = ""
+        failures = Failures(
+            log, "listen", "listening for notifications failed; lanes poll every "
+            f"{self.settings.poll_interval:g}s until it is back", base=1.0, cap=RECONNECT_CAP,
+            expected=DATABASE_AWAY, rng=self._rng)
         while True:
             try:
                 await self.store.listen(self._heard)
                 raise OutboxError("the listener returned")  # it only ever ends by raising
-            except (StoreUnavailable, PermanentRefusal, SchemaMissing):
-                problem = ""
             except Exception as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                metrics.TASK_ERRORS.labels("listen").inc()
-                if problem != reported:
-                    log.exception("listening for notifications failed; lanes poll every "
-                                  "%gs until it is back", self.settings.poll_interval)
+                error = exc
             finally:
                 listened, self._listening = self._listening, False
                 self._wake_all()  # lanes asleep without a timer poll again until it is back
             if listened:  # it ran: a new outage, retried quickly again and reported again
-                failures = 0
-                reported = ""
-            reported = problem or reported
-            failures += 1
-            await asyncio.sleep(backoff(failures, 1.0, RECONNECT_CAP, self._rng))
+                failures.succeeded()
+            await asyncio.sleep(failures.failed(error))
 
     def _heard(self) -> None:
         """A NOTIFY, or the listener's first call once LISTEN is in place."""
@@ -450,24 +482,18 @@ class Relay:
     async def _refresh_stats(self) -> None:
         """Refresh the backlog gauges every ``stats_interval``, retrying any error with backoff
         (an unmigrated schema too): one the lanes do not report is logged once, and counted."""
-        failures = 0
-        reported = ""
+        interval = self.settings.stats_interval
+        failures = Failures(log, "stats", "cannot refresh the backlog gauges; retrying",
+                            base=interval, cap=max(interval, RECONNECT_CAP),
+                            expected=DATABASE_AWAY, rng=self._rng)
         while True:
             interval = self.settings.stats_interval
             try:
                 st = await self.store.stats()
             except Exception as exc:
-                failures += 1
-                interval = backoff(failures, interval, max(interval, RECONNECT_CAP), self._rng)
-                if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                    metrics.TASK_ERRORS.labels("stats").inc()
-                    problem = f"{type(exc).__name__}: {exc}"
-                    if problem != reported:
-                        log.exception("cannot refresh the backlog gauges; retrying")
-                    reported = problem
+                interval = failures.failed(exc)
             else:
-                failures = 0
-                reported = ""
+                failures.succeeded()
                 metrics.PENDING.set(st.pending)
                 metrics.DEAD_ROWS.set(st.dead)
                 metrics.BLOCKED_KEYS.set(st.blocked_keys)

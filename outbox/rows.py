@@ -52,24 +52,35 @@ _CONFIRMED = Result(Outcome.CONFIRMED)
 
 
 @dataclass(slots=True)
+class Retry:
+    """A row that failed, published again after ``delay`` seconds."""
+
+    id: int
+    delay: float
+    error: str
+
+
+@dataclass(slots=True)
+class Parked:
+    """A row parked as dead with its reason; ``counted`` when the failure was a publish attempt
+    (a poison row is parked before any)."""
+
+    id: int
+    error: str
+    counted: bool
+
+
+@dataclass(slots=True)
 class Settlement:
     """The writes that end a batch, decided by the relay core and applied by the store."""
 
-    sent: list[int] = field(default_factory=list)
-    retry_ids: list[int] = field(default_factory=list)
-    retry_delays: list[float] = field(default_factory=list)
-    retry_errors: list[str] = field(default_factory=list)
-    dead_ids: list[int] = field(default_factory=list)
-    dead_errors: list[str] = field(default_factory=list)
-    dead_counted: list[int] = field(default_factory=list)
-    unsettled: int = 0
+    sent: list[int] = field(default_factory=list)  # row ids: delete or mark sent
+    retries: list[Retry] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    unsettled: int = 0  # rows left pending untouched
 
     def retry(self, row_id: int, delay: float, error: str) -> None:
-        self.retry_ids.append(row_id)
-        self.retry_delays.append(delay)
-        self.retry_errors.append(error)
+        self.retries.append(Retry(row_id, delay, error))
 
-    def dead(self, row_id: int, error: str, counted: bool) -> None:
-        self.dead_ids.append(row_id)
-        self.dead_errors.append(error)
-        self.dead_counted.append(1 if counted else 0)
+    def park(self, row_id: int, error: str, counted: bool) -> None:
+        self.parked.append(Parked(row_id, error, counted))

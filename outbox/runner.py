@@ -28,7 +28,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     relay = Relay(settings, store, publisher, drain=drain)
     http: HealthServer | None = None
     if settings.http_port and not drain:
-        http = HealthServer(settings.http_port, lambda: health(relay, publisher))
+        http = HealthServer(settings.http_port, relay.readiness)
         try:
             await http.start()
         except OSError as exc:
@@ -80,18 +80,6 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
 def _deadline(task: asyncio.Task[Counts]) -> None:
     if not task.done():
         task.cancel()
-
-
-def health(relay: Relay, publisher: AmqpPublisher) -> tuple[bool, dict[str, object]]:
-    problems = dict(relay.health.problems)
-    if publisher.problem and not publisher.ready:
-        problems["broker"] = publisher.problem
-    if publisher.blocked:
-        problems["broker"] = "the broker is blocking publishers (memory or disk alarm)"
-    return relay.ready, {
-        "database": relay.health.database, "broker": publisher.ready,
-        "blocked": publisher.blocked, "problems": problems,
-    }
 
 
 def install_uvloop() -> None:

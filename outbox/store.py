@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,9 +35,19 @@ log = logging.getLogger("outbox.store")
 
 _PERMANENT = re.compile(
     r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
-    r"|no pg_hba\.conf entry|certificate verify failed|permission denied for database",
+    r"|no pg_hba\.conf entry|permission denied for database",
     re.I,
 )
+# libpq's words for a TLS setup that fails the same way until someone fixes the certificates
+_TLS_REFUSAL = re.compile(
+    r"certificate verify failed|does not match host name|certificate file|private key file"
+    r"|certificate present, but not private key|tlsv1 alert|sslv3 alert|tlsv13 alert", re.I)
+_VERIFY_FAILED_WHY = ("the server certificate is not signed by the CA of sslrootcert, expired, "
+                      "or not yet valid")
+_SERVER_AT = re.compile(r'server at "([^"]+)", port (\d+)')
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # the protocol's "may we speak TLS?" message
+# verify codes that mean "not signed by a CA we trust" (X509_V_ERR_*)
+_UNTRUSTED = frozenset({18, 19, 20, 21})
 LISTEN_PING = 30.0  # seconds of silence before the listener pings (TCP keepalives watch too)
 READ_ONLY = ("connected to a read-only standby; point OUTBOX_DATABASE_URL at the primary or add "
              "target_session_attrs=read-write")
@@ -71,6 +83,8 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
         return StoreUnavailable(READ_ONLY)
     if isinstance(exc, psycopg.OperationalError):
         msg = first_line(exc)
+        if _TLS_REFUSAL.search(msg):
+            return PermanentRefusal(f"{what}: {describe_tls(msg)}")
         if _PERMANENT.search(msg):
             return PermanentRefusal(f"{what}: {msg}")
         return StoreUnavailable(f"{what}: {msg}")
@@ -79,6 +93,52 @@ def translation(exc: BaseException, what: str) -> OutboxError | None:
     if isinstance(exc, (psycopg.InterfaceError, pgerrors.AdminShutdown, pgerrors.QueryCanceled,
                         pgerrors.IdleInTransactionSessionTimeout, OSError)):
         return StoreUnavailable(f"{what}: {first_line(exc)}")
+    return None
+
+
+def describe_tls(msg: str, why: str | None = None) -> str:
+    """libpq's line for a refused TLS connection, led by the cause: "TLS: hostname mismatch:
+    server certificate for "a" does not match host name "b" (connection to server at …)".
+    ``why``: OpenSSL's reason for "certificate verify failed", which libpq does not give (see
+    `unverified_why`)."""
+    where, _, cause = msg.rpartition(" failed: ")
+    where = where.removeprefix("connection failed: ")
+    cause = cause.removeprefix("SSL error: ")
+    if "does not match host name" in cause:
+        cause = f"hostname mismatch: {cause}"
+    elif "certificate verify failed" in cause:
+        cause = f"certificate verify failed: {why or _VERIFY_FAILED_WHY}"
+    return f"TLS: {cause}" + (f" ({where})" if where else "")
+
+
+async def unverified_why(database_url: str, msg: str, timeout: float) -> str | None:
+    """Why the server in libpq's "certificate verify failed" ``msg`` was not verified
+    ("certificate has expired"…), found by a TLS handshake of our own with the URL's
+    sslrootcert; None when that cannot tell (no sslrootcert, another error, no answer)."""
+    at = _SERVER_AT.search(msg)
+    root = str(psycopg.conninfo.conninfo_to_dict(database_url).get("sslrootcert") or "")
+    if at is None or not root:
+        return None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        context = ssl.create_default_context(cafile=None if root == "system" else root)
+        context.check_hostname = False  # libpq says a mismatch itself; this is the chain
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(at[1], int(at[2]))
+            writer.write(_SSL_REQUEST)
+            if await reader.readexactly(1) != b"S":
+                return None
+            await writer.start_tls(context)
+    except ssl.SSLCertVerificationError as exc:
+        why = str(exc.verify_message)
+        if exc.verify_code in _UNTRUSTED:
+            why += " (the server certificate is not signed by the CA of sslrootcert)"
+        return why
+    except Exception:  # the probe only adds words: libpq's own line stands without them
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
     return None
 
 
@@ -111,7 +171,7 @@ def session_settings(settings: Settings) -> dict[str, str]:
             str(int((settings.publish_timeout + 4 * settings.db_timeout) * 1000)),
         "synchronous_commit": "off",  # a lost mark only causes a duplicate
         # The claim's estimated cost passes jit_above_cost once the outbox is large, and JIT
-        # then compiles it at every execution: 35 ms per claim against 2 ms of work at 1M rows.
+        # then compiles it at every execution, which takes far longer than running it.
         "jit": "off",
     }
 
@@ -130,7 +190,8 @@ async def connect(
     transactions run user code under other deadlines); unless ``writable`` is False (operator
     reads such as `outbox status`), a read-only standby is refused."""
     options = libpq_options(session_settings(settings) if session is None else session)
-    with translate_errors(f"connecting to {redact(settings.database_url)}"):
+    what = f"connecting to {redact(settings.database_url)}"
+    try:
         async with asyncio.timeout(settings.db_timeout + 1):
             conn = await psycopg.AsyncConnection.connect(
                 settings.database_url, autocommit=autocommit,
@@ -140,6 +201,15 @@ async def connect(
                 # learns of it in seconds and pings (a transaction) only every LISTEN_PING
                 keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             )
+    except Exception as exc:
+        outbox_exc = translation(exc, what)
+        if outbox_exc is None:
+            raise
+        msg = first_line(exc)
+        if isinstance(outbox_exc, PermanentRefusal) and "certificate verify failed" in msg:
+            why = await unverified_why(settings.database_url, msg, settings.db_timeout)
+            outbox_exc = PermanentRefusal(f"{what}: {describe_tls(msg, why)}")
+        raise outbox_exc from exc
     if writable and read_only(conn):
         # refused here rather than by the first claim, so the lane never reports the
         # database connected in between
@@ -200,20 +270,23 @@ class PgSession:
                 if s.sent:
                     name = "delete_sent" if self.on_sent == "delete" else "mark_sent"
                     await self.conn.execute(self.q[name], {"ids": s.sent}, prepare=True)
-                if s.retry_ids:
+                # one statement per kind of write, over parallel arrays (unnest)
+                if s.retries:
                     await self.conn.execute(self.q["schedule_retry"], {
-                        "ids": s.retry_ids, "delays": s.retry_delays,
-                        "errors": s.retry_errors})
-                if s.dead_ids:
+                        "ids": [r.id for r in s.retries],
+                        "delays": [r.delay for r in s.retries],
+                        "errors": [r.error for r in s.retries]})
+                if s.parked:
                     await self.conn.execute(self.q["park_dead"], {
-                        "ids": s.dead_ids, "errors": s.dead_errors,
-                        "counted": s.dead_counted})
+                        "ids": [p.id for p in s.parked],
+                        "errors": [p.error for p in s.parked],
+                        "counted": [1 if p.counted else 0 for p in s.parked]})
                 await self.conn.execute(self.q["commit"], prepare=True)
 
     async def release(self) -> None:
         # COMMIT, not ROLLBACK: the transaction only locked rows, so both end it the same way,
         # but psycopg forgets every prepared statement when it sees a ROLLBACK; the claim would
-        # then be planned again at each execution (2.8 ms against 0.75 ms for a small batch).
+        # then be planned again at each execution, which costs more than running it.
         with translate_errors("releasing a batch"):
             async with deadline(self.conn, self.settings.db_timeout):
                 await self.conn.execute(self.q["commit"], prepare=True)

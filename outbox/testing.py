@@ -18,7 +18,7 @@ import orjson
 
 from outbox import limits
 from outbox.exceptions import StoreUnavailable
-from outbox.ports import Stats
+from outbox.ports import BLOCKED, BrokerHealth, Stats
 from outbox.rows import Outcome, Result, Row, Settlement
 
 
@@ -162,16 +162,16 @@ class InMemorySession:
                 self.store.rows.pop(row_id, None)
             else:
                 self.store.rows[row_id].sent = True
-        for row_id, delay, error in zip(s.retry_ids, s.retry_delays, s.retry_errors, strict=True):
-            row = self.store.rows[row_id]
+        for retry in s.retries:
+            row = self.store.rows[retry.id]
             row.attempts += 1
-            row.available_at = now + delay
-            row.last_error = error
-        for row_id, error, counted in zip(s.dead_ids, s.dead_errors, s.dead_counted, strict=True):
-            row = self.store.rows[row_id]
-            row.attempts += counted
+            row.available_at = now + retry.delay
+            row.last_error = retry.error
+        for parked in s.parked:
+            row = self.store.rows[parked.id]
+            row.attempts += 1 if parked.counted else 0
             row.dead = True
-            row.last_error = error
+            row.last_error = parked.error
         await self.release()
 
     async def release(self) -> None:
@@ -221,6 +221,11 @@ class StubPublisher:
     @property
     def ready(self) -> bool:
         return self.connected and not self.blocked
+
+    def health(self) -> BrokerHealth:
+        problem = (BLOCKED if self.blocked else
+                   "" if self.connected else "not connected to the broker (stub)")
+        return BrokerHealth(self.ready, self.blocked, problem)
 
     async def wait_ready(self, timeout: float) -> bool:
         self.waits += 1

@@ -325,7 +325,7 @@ class _Send:
         failed = [(row, res) for row, res in zip(rows, results, strict=True)
                   if res.outcome is not Outcome.CONFIRMED]
         if failed:
-            dead, retry = set(s.dead_ids), set(s.retry_ids)
+            dead, retry = {p.id for p in s.parked}, {r.id for r in s.retries}
             for row, res in failed:
                 then = ("dead" if row.id in dead else "retry" if row.id in retry
                         else "released")

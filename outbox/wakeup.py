@@ -34,15 +34,9 @@ import math
 import time
 from collections.abc import Callable
 
-from outbox import metrics
-from outbox.exceptions import (
-    PermanentRefusal,
-    SchemaMissing,
-    StoreUnavailable,
-    WakeupFlagUnavailable,
-)
+from outbox.exceptions import DATABASE_AWAY, WakeupFlagUnavailable
 from outbox.ports import Store, StoreSession
-from outbox.retry import backoff
+from outbox.retry import Failures
 
 log = logging.getLogger("outbox.wakeup")
 
@@ -110,8 +104,10 @@ class Wakeups:
     async def run(self) -> None:
         """Write the flag whenever it should change and probe while active, until `close`."""
         session: StoreSession | None = None
-        failures = 0
-        reported = ""
+        # The lanes report the database's state; here it only delays the flag or a wake-up
+        # (the safety poll still finds the rows).
+        failures = Failures(log, "wakeup_flag", "unexpected error in the wake-up task; retrying",
+                            base=0.2, cap=5.0, expected=DATABASE_AWAY)
         try:
             while True:
                 wanted, changes_in = self._wanted()
@@ -121,7 +117,7 @@ class Wakeups:
                         if session is None:
                             session = await self._store.session()
                         await self._write(session, wanted)
-                        failures, reported = 0, ""
+                        failures.succeeded()
                         continue
                     if self._closing:
                         return
@@ -129,7 +125,7 @@ class Wakeups:
                         if session is None:
                             session = await self._store.session()
                         await self._probe(session)
-                        failures, reported = 0, ""
+                        failures.succeeded()
                         await asyncio.sleep(self._probe_wait if changes_in is None
                                             else min(self._probe_wait, changes_in))
                         continue
@@ -137,24 +133,14 @@ class Wakeups:
                     log.warning("%s; until then every insert sends a NOTIFY", exc)
                     return
                 except Exception as exc:
-                    # The lanes report the database's state; here it only delays the flag or a
-                    # wake-up (the safety poll still finds the rows). An error nobody foresaw
-                    # must not end the task silently either: it is logged once (until the task
-                    # works again), counted, and retried.
-                    if not isinstance(exc, (StoreUnavailable, PermanentRefusal, SchemaMissing)):
-                        metrics.TASK_ERRORS.labels("wakeup_flag").inc()
-                        problem = f"{type(exc).__name__}: {exc}"
-                        if problem != reported:
-                            log.exception("unexpected error in the wake-up task; retrying")
-                        reported = problem
+                    delay = failures.failed(exc)
                     if session is not None:
                         with contextlib.suppress(Exception):
                             await session.close()
                     session = None
-                    failures += 1
                     if self._closing:
                         return
-                    await asyncio.sleep(backoff(failures, 0.2, 5.0))
+                    await asyncio.sleep(delay)
                     continue
                 self._poked.clear()
                 look_again = self._written_at + self._recheck_every - self._clock()

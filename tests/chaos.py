@@ -275,14 +275,15 @@ class Chaos:
     def logged(self, pattern: str) -> int:
         return sum(len(r.logged(pattern)) for r in self.relays)
 
-    async def logs_anew(self, pattern: str, timeout: float) -> None:
-        """Wait until a relay logs one more line matching ``pattern`` than it had."""
-        before = self.logged(pattern)
-        deadline = time.monotonic() + timeout
-        while self.logged(pattern) <= before:
-            if time.monotonic() > deadline:
-                raise Failed(f"no relay logged {pattern!r} within {timeout:g}s")
-            await asyncio.sleep(0.05)
+    async def logs_anew(self, pattern: str, timeout: float, before: int | None = None) -> None:
+        """Wait until the relays logged more lines matching ``pattern`` than ``before`` (by
+        default, than they have now)."""
+        had = self.logged(pattern) if before is None else before
+        try:
+            await until(lambda: self.logged(pattern) > had, timeout,
+                        f"a relay to log {pattern!r}")
+        except AssertionError as exc:
+            raise Failed(str(exc)) from None
 
     async def fault(self, kind: str) -> None:
         assert self.settings is not None
@@ -308,13 +309,9 @@ class Chaos:
             direction = self.rng.choice(("both", "down"))
             before = self.logged(r"within the deadline: reconnecting")
             self.amqp.stall(direction)  # type: ignore[arg-type]
-            deadline = time.monotonic() + 30
             try:
                 # until a relay gives the link up by its own publish deadline
-                while self.logged(r"within the deadline: reconnecting") <= before:
-                    if time.monotonic() > deadline:
-                        raise Failed("no relay noticed a stalled broker link within 30s")
-                    await asyncio.sleep(0.05)
+                await self.logs_anew(r"within the deadline: reconnecting", 30, before)
             finally:
                 self.amqp.restore()
         elif kind == "db_cut":

@@ -6,6 +6,10 @@
         pair.primary.kill()               # SIGKILL to the server's process group: a crash
         pair.promote()                    # the standby becomes the primary
 
+    with PostgresPair(tls=ServerCert.issue(...), standby=False) as pair:   # one TLS primary
+        pair.primary.tls_url(sslrootcert=…)   # postgresql://postgres@localhost:p/postgres?sslmode=verify-full&…
+        pair.primary.use_tls(other_cert)      # serve another certificate (reloads, no restart)
+
 The primary runs with ``synchronous_standby_names='*'`` (on its command line, so the standby does
 not inherit it through the base backup and hang every commit once promoted): a commit that waits
 (``synchronous_commit=on``, the producers' default) is on the standby when it returns, and a
@@ -17,39 +21,71 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import psycopg
 
-from bench.postgres_node import binaries
+from bench.postgres_node import as_postgres, binaries, free_port, wait_accepting
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+if TYPE_CHECKING:
+    from tests.certs import ServerCert
 
 
 class PgServer:
     """One server process on a data directory (started, killed, promoted)."""
 
     def __init__(self, base: Path, name: str, as_user: dict[str, Any],
-                 options: tuple[str, ...] = ()) -> None:
+                 options: tuple[str, ...] = (), tls: ServerCert | None = None) -> None:
         self.data = base / name
         self.base = base
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.options = options
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self._as = as_user
+
+    def tls_url(self, host: str = "localhost", **query: str | os.PathLike[str]) -> str:
+        """A ``sslmode=verify-full`` URL to this server by ``host`` (``sslrootcert=…`` etc.)."""
+        params = urlencode({"sslmode": "verify-full", **{k: str(v) for k, v in query.items()}})
+        return f"postgresql://postgres@{host}:{self.port}/postgres?{params}"
+
+    def use_tls(self, tls: ServerCert) -> None:
+        """Serve ``tls``'s certificate from now on: PostgreSQL reloads its TLS files on SIGHUP,
+        and new connections get the new certificate."""
+        self.tls = tls
+        self._install_tls()
+        if self.running:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("SELECT pg_reload_conf()")
+
+    def _install_tls(self) -> list[str]:
+        """Copy the certificate and key where the server's user owns them (it refuses a key
+        that others may read, or that is not its own) and return the settings naming them."""
+        if self.tls is None:
+            return []
+        tls_dir = self.base / f"{self.name}-tls"
+        tls_dir.mkdir(exist_ok=True)
+        for name, source in (("cert.pem", self.tls.cert), ("key.pem", self.tls.key),
+                             ("ca.pem", self.tls.ca)):
+            # a new file each time: a reload must not read a half-written one
+            tmp = tls_dir / f".{name}"
+            shutil.copyfile(source, tmp)
+            tmp.chmod(0o600)
+            if self._as:
+                os.chown(tmp, self._as["user"], self._as["group"])
+            tmp.replace(tls_dir / name)
+        if self._as:
+            os.chown(tls_dir, self._as["user"], self._as["group"])
+        return ["ssl=on", f"ssl_cert_file={tls_dir / 'cert.pem'}",
+                f"ssl_key_file={tls_dir / 'key.pem'}", f"ssl_ca_file={tls_dir / 'ca.pem'}"]
 
     @property
     def url(self) -> str:
@@ -61,7 +97,8 @@ class PgServer:
 
     def start(self, timeout: float = 60.0) -> PgServer:
         log = open(self.base / f"{self.name}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        opts = [a for o in ("listen_addresses=127.0.0.1", "fsync=off", *self.options)
+        opts = [a for o in ("listen_addresses=127.0.0.1", "fsync=off", *self.options,
+                            *self._install_tls())
                 for a in ("-c", o)]
         self.proc = subprocess.Popen(
             [binaries() / "postgres", "-D", self.data, "-p", str(self.port), "-k", self.base,
@@ -69,17 +106,9 @@ class PgServer:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
             start_new_session=True, **self._as)
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg.connect(self.url, connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.base / f"{self.name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"PostgreSQL {self.name} did not start:\n{tail}") \
-                        from None
-                time.sleep(0.1)
+        wait_accepting(self.url, self.proc, self.base / f"{self.name}.log", timeout,
+                       f"PostgreSQL {self.name}")
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the server's whole process group (postmaster and backends): a crash."""
@@ -103,16 +132,15 @@ class PgServer:
 class PostgresPair:
     """A primary and its streaming standby; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ServerCert | None = None, standby: bool = True) -> None:
+        """``tls``: both servers also accept TLS with that certificate (and check client
+        certificates against its CA when offered); ``standby=False``: the primary alone."""
         self.base = Path(tempfile.mkdtemp(prefix="outbox-pg-pair-"))
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:  # the server refuses to run as root
-            user = pwd.getpwnam("postgres")
-            os.chown(self.base, user.pw_uid, user.pw_gid)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid}
+        self.with_standby = standby
+        self._as = as_postgres(self.base)
         self.primary = PgServer(self.base, "primary", self._as,
-                                ("synchronous_standby_names=*",))
-        self.standby = PgServer(self.base, "standby", self._as)
+                                ("synchronous_standby_names=*",) if standby else (), tls)
+        self.standby = PgServer(self.base, "standby", self._as, tls=tls)
 
     @property
     def url(self) -> str:
@@ -125,6 +153,8 @@ class PostgresPair:
                         "-A", "trust", "--no-sync"], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, cwd=self.base, **self._as)
         self.primary.start()
+        if not self.with_standby:
+            return self
         subprocess.run([binaries() / "pg_basebackup", "-D", self.standby.data, "-R",
                         "-X", "stream", "-c", "fast", "-h", "127.0.0.1",
                         "-p", str(self.primary.port), "-U", "postgres"],

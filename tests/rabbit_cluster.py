@@ -6,6 +6,8 @@
         cluster.leader(queue)           # the RabbitNode that leads a quorum queue now
         cluster.kill(node); cluster.start_node(node)   # it rejoins from its own data
         cluster.restart_all()           # every node killed, then all started together
+        cluster.flush()                 # every node writes out its metadata (before a crash)
+        cluster.wait_leader(queue)      # until a quorum queue has a leader (after a restart)
 
 Built on `tests.rabbit_node.RabbitNode`: the nodes run as the same user with the same HOME, so
 they share one Erlang cookie, and the second and third join the first with ``rabbitmqctl
@@ -15,6 +17,8 @@ threads: the boots overlap.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import threading
@@ -28,6 +32,8 @@ from tests.rabbit_node import RabbitNode
 
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 QUEUES = "/usr/lib/rabbitmq/bin/rabbitmq-queues"
+# Mnesia's transaction log and Ra's registry of queue members and their metadata, to disk
+FLUSH = "mnesia:sync_log(), [ok = dets:sync(T) || T <- [ra_directory_reverse, ra_log_meta]], ok."
 
 
 def ctl(node: RabbitNode, *args: str, timeout: float = 60, tool: str = CTL) -> str:
@@ -135,6 +141,38 @@ class RabbitCluster:
                 return self.by_name(parts[1])
         raise LookupError(f"no quorum queue {queue!r} on {asked.nodename}: {out!r}")
 
+    def wait_leader(self, queue: str, timeout: float = 60) -> RabbitNode:
+        """Until a member of the quorum queue ``queue`` reports that it leads it (``rabbitmq-queues
+        quorum_status``, asked of each running node in turn); the node that leads it."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            for node in [n for n in self.nodes if n.running]:
+                try:
+                    out = ctl(node, "quorum_status", queue, "--formatter", "json", timeout=15,
+                              tool=QUEUES)
+                    members = json.loads(out)
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                    last = str(exc)
+                    continue
+                for m in members:
+                    if m.get("Raft State") == "leader":
+                        return self.by_name(str(m["Node Name"]))
+                last = out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"quorum queue {queue!r} has no leader after {timeout:g}s: "
+                                   f"{last[-300:]}")
+            time.sleep(0.3)
+
+    def flush(self) -> None:
+        """Every running node writes out what it still holds in memory of the cluster's metadata
+        (Mnesia's transaction log; Ra's registry of queue members and their terms). Call it
+        before crashing every node at once: on RabbitMQ 3.10 a quorum queue declared seconds
+        before all the nodes were SIGKILLed is not recovered when they start again (each logs
+        "Recovering 0 queues of type rabbit_quorum_queue"), its members never run, and it has
+        no leader again: every publish to it goes unconfirmed."""
+        in_parallel([functools.partial(ctl, n, "eval", FLUSH) for n in self.nodes if n.running])
+
     def kill(self, node: RabbitNode) -> None:
         node.kill()
 
@@ -144,7 +182,8 @@ class RabbitCluster:
 
     def restart_all(self) -> None:
         """Every node killed, then all started together (a clustered node that was not the last
-        to stop waits at boot for the others, so they must come up at once)."""
+        to stop waits at boot for the others, so they must come up at once; killed together,
+        none stopped last). See `flush` for what a crash of every node forgets."""
         in_parallel([n.kill for n in self.nodes])
         in_parallel([n.start for n in self.nodes])
 

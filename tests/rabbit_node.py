@@ -8,6 +8,9 @@ The shared broker on 5672 must never be stopped; a test that needs a broker to d
     node.restart()                           # kill + start
     node.stop()                              # SIGTERM, graceful (a clean shutdown)
 
+    node = RabbitNode(tmp_path, tls=ServerCert.issue(...))   # also a TLS listener (tests/certs.py)
+    node.amqps_url(cafile=...)               # amqps://guest:guest@localhost:<tls_port>/?cafile=…
+
 Every node has its own name, free AMQP and distribution ports, data and log directories under
 ``tmpdir``, and an empty plugin list so it boots fast. As root (the launcher then runs the node as
 the ``rabbitmq`` user) the directories are under a fresh directory of /tmp instead, removed by
@@ -30,7 +33,11 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from tests.certs import ServerCert
 
 SERVER = os.environ.get("RABBITMQ_SERVER", shutil.which("rabbitmq-server") or "rabbitmq-server")
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -60,7 +67,8 @@ class RabbitNode:
 
     def __init__(self, tmpdir: str | os.PathLike[str], *, name: str | None = None,
                  port: int | None = None, dist_port: int | None = None,
-                 start_timeout: float = 60.0, extra_config: str = "") -> None:
+                 start_timeout: float = 60.0, extra_config: str = "",
+                 tls: ServerCert | None = None, verify_peer: bool = False) -> None:
         name = name or f"rabbit-{uuid.uuid4().hex[:8]}"
         self._own_dir: Path | None = None
         if os.geteuid() == 0:
@@ -73,6 +81,11 @@ class RabbitNode:
         self.dist_port = dist_port or free_port()
         self.start_timeout = start_timeout
         self.extra_config = extra_config
+        # TLS: a second listener on tls_port with ``tls``'s certificate; with verify_peer the
+        # node checks a client certificate against tls.ca when one is offered (none is required)
+        self.tls = tls
+        self.verify_peer = verify_peer
+        self.tls_port = free_port() if tls is not None else 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._prepared = False
         self.console: IO[bytes] | None = None
@@ -83,6 +96,12 @@ class RabbitNode:
     def url(self) -> str:
         """``amqp://guest:guest@127.0.0.1:<port>/`` (guest may log in over loopback)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def amqps_url(self, host: str = "localhost", **query: str | os.PathLike[str]) -> str:
+        """``amqps://guest:guest@<host>:<tls_port>/?<query>`` (cafile=…, certfile=…, …)."""
+        assert self.tls is not None, "the node has no TLS listener"
+        params = urlencode({k: str(v) for k, v in query.items()})
+        return f"amqps://guest:guest@{host}:{self.tls_port}/" + (f"?{params}" if params else "")
 
     @property
     def running(self) -> bool:
@@ -110,6 +129,8 @@ class RabbitNode:
             **kwargs,
         )
         self._wait_ready()
+        if self.tls is not None:
+            self._wait_port(self.tls_port)
         return self
 
     def kill(self) -> None:
@@ -150,12 +171,31 @@ class RabbitNode:
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             "loopback_users = none\n"
+            f"{self._tls_config()}"
             f"{self.extra_config}")
         if os.geteuid() == 0:
             user = pwd.getpwnam("rabbitmq")
             for path in [self.base, *self.base.rglob("*")]:
                 os.chown(path, user.pw_uid, user.pw_gid)
         self._prepared = True
+
+    def _tls_config(self) -> str:
+        """The TLS listener's lines of rabbitmq.conf, with copies of the PEM files in the node's
+        directory (chowned with it: the node may run as another user than the test)."""
+        if self.tls is None:
+            return ""
+        tls_dir = self.base / "tls"
+        tls_dir.mkdir(exist_ok=True)
+        for name, source in (("ca.pem", self.tls.ca), ("cert.pem", self.tls.cert),
+                             ("key.pem", self.tls.key)):
+            shutil.copyfile(source, tls_dir / name)
+        (tls_dir / "key.pem").chmod(0o600)
+        return (f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {tls_dir / 'ca.pem'}\n"
+                f"ssl_options.certfile = {tls_dir / 'cert.pem'}\n"
+                f"ssl_options.keyfile = {tls_dir / 'key.pem'}\n"
+                f"ssl_options.verify = {'verify_peer' if self.verify_peer else 'verify_none'}\n"
+                "ssl_options.fail_if_no_peer_cert = false\n")
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
@@ -194,6 +234,14 @@ class RabbitNode:
         self.kill()
         raise TimeoutError(f"rabbitmq node {self.nodename} not ready after {self.start_timeout}s "
                            f"(see {self.base / 'console.log'})")
+
+    def _wait_port(self, port: int) -> None:
+        """Until ``port`` accepts connections (the TLS listener opens with the AMQP one)."""
+        deadline = time.monotonic() + self.start_timeout
+        while not _port_open(port):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rabbitmq node {self.nodename}: nothing listens on {port}")
+            time.sleep(0.1)
 
     def _signal(self, sig: int, timeout: float) -> None:
         proc = self.proc

@@ -12,19 +12,21 @@ are checked against each other.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
 import pamqp.frame
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, example, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
@@ -404,3 +406,39 @@ def edge_rows(exchange: str, whole_range: bool) -> list[RowSpec]:
     if whole_range:
         rows += [row(created_at=c) for c in ("infinity", "-infinity", PY_MAX + 1, PG_MIN)]
     return rows
+
+
+def with_edges(exchange: str, whole_range: bool) -> Callable[[Any], Any]:
+    """A decorator adding each of `edge_rows`, beside a good row, as an explicit example of a
+    property test over ``batch``."""
+
+    def add(test: Any) -> Any:
+        for edge in edge_rows(exchange, whole_range):
+            test = example(batch=[RowSpec("rk.good", exchange), edge])(test)
+        return test
+
+    return add
+
+
+def check_properties(p: Any, want: Expected, app_id: str, row: str) -> None:
+    """The AMQP properties ``p`` a row went out with are what DESIGN.md documents for it
+    (``row`` names it in a failure)."""
+    assert p.content_type == want.content_type
+    assert p.delivery_mode == 2
+    assert p.app_id == app_id
+    assert want.timestamp is not None, f"{row}: published with an unreadable created_at"
+    assert p.timestamp == want.timestamp
+    assert p.message_type == want.message_type
+    assert p.correlation_id == want.correlation_id
+    assert (p.headers or {}) == want.headers, f"{row}: headers changed"
+
+
+async def drain(relay: Any, deadline: float, progress: Callable[[], object]) -> None:
+    """Run a relay made with ``drain=True`` to its end; fail, saying ``progress()``, if it is
+    still running after ``deadline`` seconds."""
+    try:
+        async with asyncio.timeout(deadline):
+            await relay.run()
+    except TimeoutError:
+        raise AssertionError(f"the drain did not end within {deadline:g}s: "
+                             f"{progress()}") from None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ import aiormq
 import psycopg
 from psycopg import sql
 
+import bench.common
 from outbox import migrate
+from outbox.frames import reader_died
 from outbox.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -26,24 +31,32 @@ DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL",
 AMQP_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-async def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
-                     interval: float = 0.01) -> None:
-    """Poll a condition that has no event to await; fails with TimeoutError after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(interval)
+async def until(cond: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0,
+                what: str = "the condition", interval: float = 0.05) -> Any:
+    """The tests' one wait: poll ``cond`` (sync or async) until it is truthy and return its
+    value; fail with an AssertionError naming ``what`` after ``timeout`` seconds.
 
-
-def eventually(predicate: Callable[[], object], timeout: float = 10.0,
-               interval: float = 0.05) -> None:
-    """`wait_until` for synchronous tests."""
-    import time
-
+    For a condition that has no event to await. It is polled every 10 ms at first, backing off
+    to ``interval``: a cheap condition is seen at once, a query is not run in a tight loop.
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
+    pause = min(0.01, interval)
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, interval)
+
+
+def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "the condition",
+               interval: float = 0.05) -> Any:
+    """`until`, for a synchronous test (no event loop running)."""
+    return asyncio.run(until(cond, timeout, what, interval))
 
 
 def free_port() -> int:
@@ -108,54 +121,122 @@ class Received:
     redelivered: bool
 
 
-class Consumer:
-    """Collects every message of a queue (acked) so a test can await "n distinct arrived"."""
+class Collector:
+    """The tests' one AMQP consumer: consumes queues on one or more brokers (reconnecting after
+    a broker dies), acks every message and records it, so a test can await "n distinct
+    arrived" and count duplicates."""
 
-    def __init__(self, queue: str, url: str = AMQP_URL) -> None:
-        self.queue = queue
-        self.url = url
+    def __init__(self, queues: Sequence[str], urls: Sequence[str] = (AMQP_URL,),
+                 arguments: dict[str, Any] | None = None) -> None:
+        self.queues = list(queues)
+        self.urls = list(urls)
+        self.arguments = arguments
         self.messages: list[Received] = []
-        self._changed = asyncio.Event()
-        self._conn: aiormq.abc.AbstractConnection | None = None
+        self.received: list[str] = []  # message ids, as they came (duplicates too)
+        self.seen: set[str] = set()  # distinct message ids, kept as they come
+        self.bodies: dict[str, bytes] = {}
+        self.arrived = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conns: list[aiormq.abc.AbstractConnection] = []
+        self._ready: list[asyncio.Event] = []
 
-    async def __aenter__(self) -> Consumer:
-        self._conn = await aiormq.connect(self.url)
-        ch = await self._conn.channel()
-        await ch.queue_declare(self.queue, durable=True)
-        await ch.basic_qos(prefetch_count=1000)
-        await ch.basic_consume(self.queue, self._on_message)
+    async def __aenter__(self) -> Collector:
+        for url in self.urls:
+            ev = asyncio.Event()
+            self._ready.append(ev)
+            self._tasks.append(asyncio.create_task(self._consume(url, ev)))
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(ev.wait() for ev in self._ready))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            await self._conn.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self._conns:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await c.close()
+
+    async def _consume(self, url: str, ready: asyncio.Event) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(10):
+                    conn = await aiormq.connect(url + "?heartbeat=5")
+                self._conns.append(conn)
+                ch = await conn.channel()
+                await ch.basic_qos(prefetch_count=1000)
+                for q in self.queues:
+                    await ch.queue_declare(q, durable=True, arguments=self.arguments)
+                    await ch.basic_consume(q, self._on_message)
+                ready.set()
+                # aiormq's `closing` may never resolve after a reset (its reader died, its
+                # clean-up hangs): watch the reader too, as the relay's publisher does
+                closing = conn.closing
+                while not (closing.done() or reader_died(conn)):
+                    await asyncio.wait([closing], timeout=1.0)
+                closing.cancel()
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.3)
 
     async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        mid = msg.header.properties.message_id or ""
         self.messages.append(Received(msg.body, msg.header.properties,
                                       msg.delivery.routing_key or "",
                                       bool(msg.delivery.redelivered)))
-        await msg.channel.basic_ack(msg.delivery.delivery_tag)
-        self._changed.set()
+        self.received.append(mid)
+        self.seen.add(mid)
+        self.bodies[mid] = msg.body
+        self.arrived.set()
+        tag = getattr(msg.delivery, "delivery_tag", None)
+        if isinstance(tag, int):
+            with contextlib.suppress(Exception):
+                await msg.channel.basic_ack(tag)
 
     @property
     def message_ids(self) -> list[str]:
-        return [m.properties.message_id for m in self.messages]
+        """Every message id received, in order, duplicates included."""
+        return self.received
 
-    async def wait_for(self, n_distinct: int, timeout: float = 30.0) -> None:
-        """Wait until n distinct message ids have arrived (fails after ``timeout``)."""
-        async with asyncio.timeout(timeout):
-            while len(set(self.message_ids)) < n_distinct:
-                self._changed.clear()
-                await self._changed.wait()
+    @property
+    def distinct(self) -> set[str]:
+        return set(self.seen)
 
-    async def quiet(self, seconds: float = 0.5) -> None:
-        """Wait until no message arrived for ``seconds`` (to count late duplicates)."""
-        while True:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), seconds)
-            except TimeoutError:
-                return
+    @property
+    def count(self) -> int:
+        """How many distinct message ids arrived."""
+        return len(self.seen)
+
+    async def reached(self, n: int, timeout: float = 30.0, what: str = "") -> None:
+        """Wait until ``n`` distinct message ids arrived; fail after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.seen) < n:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        except TimeoutError:
+            about = f": {what}" if what else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {n} distinct "
+                                 f"deliveries ({len(self.seen)} arrived){about}") from None
+
+    async def quiet(self, seconds: float = 0.5, timeout: float = 30.0) -> None:
+        """Wait until nothing arrived for ``seconds`` (to count late duplicates); fail if the
+        messages never stop coming within ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self.arrived.clear()
+                    try:
+                        await asyncio.wait_for(self.arrived.wait(), seconds)
+                    except TimeoutError:
+                        return
+        except TimeoutError:
+            raise AssertionError(f"messages kept arriving for {timeout:g}s") from None
 
 
 async def declare_queue(name: str, url: str = AMQP_URL, **arguments: Any) -> None:
@@ -168,13 +249,7 @@ async def declare_queue(name: str, url: str = AMQP_URL, **arguments: Any) -> Non
 
 
 async def delete_queues(names: Iterable[str], url: str = AMQP_URL) -> None:
-    conn = await aiormq.connect(url)
-    try:
-        ch = await conn.channel()
-        for name in names:
-            await ch.queue_delete(name)
-    finally:
-        await conn.close()
+    await bench.common.delete_queues(url, names)
 
 
 def relay_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -53,8 +53,6 @@ from outbox.consumer.message import (
     ConsumerCounts,
     Handler,
     Message,
-    _Delivery,
-    _Subscription,
 )
 from outbox.retry import RECONNECT_BASE, RECONNECT_CAP
 
@@ -71,6 +69,4 @@ __all__ = [
     "ConsumerCounts",
     "Handler",
     "Message",
-    "_Delivery",
-    "_Subscription",
 ]

@@ -39,7 +39,7 @@ from outbox.consumer.message import (
 from outbox.consumer.retries import BROKER_ERRORS, Retries
 from outbox.consumer.topology import Topology
 from outbox.exceptions import BrokerUnavailable, OutboxError, PermanentRefusal
-from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, backoff
+from outbox.retry import RECONNECT_BASE, RECONNECT_CAP, REFUSED_RETRY, backoff
 from outbox.settings import Settings, redact
 
 log = logging.getLogger("outbox.consumer")
@@ -168,17 +168,29 @@ class Consumer:
     async def run(self) -> None:
         """Consume until `stop`; reconnect after any loss of the broker."""
         failures = 0
+        refused = ""  # the refusal last logged
         try:
             while not self._stopping.is_set():
                 try:
                     conn, url = await self._nodes.connect()
-                except (BrokerUnavailable, PermanentRefusal) as exc:
+                except PermanentRefusal as exc:
+                    # the same URL fails the same way until someone fixes it: said once, retried
+                    # slowly, as by the relay
+                    if str(exc) != refused:
+                        log.error("broker unavailable", extra={"fields": {
+                            "queue": self.queue, "error": str(exc)}})
+                    refused = str(exc)
+                    await self._sleep(REFUSED_RETRY)
+                    continue
+                except BrokerUnavailable as exc:
                     failures += 1
+                    refused = ""
                     log.error("broker unavailable", extra={"fields": {
                         "queue": self.queue, "error": str(exc), "attempt": failures}})
                     await self._sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP,
                                               self._rng))
                     continue
+                refused = ""
                 self._connection = conn
                 self.counts.connections += 1
                 try:
@@ -397,11 +409,13 @@ class Consumer:
                 return await self.db.run(self.name, messages, pipeline=pipeline)
             except OutboxError as exc:
                 failures += 1
-                if failures == 1 or failures % 10 == 0:
+                refused = isinstance(exc, PermanentRefusal)  # said once, retried slowly
+                if failures == 1 or (failures % 10 == 0 and not refused):
                     log.error("database unavailable; holding the batch", extra={"fields": {
                         "queue": self.queue, "error": str(exc), "size": len(messages),
                         "attempt": failures}})
-                await self._sleep(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
+                await self._sleep(REFUSED_RETRY if refused else
+                                  backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
                 if self._stopping.is_set() or sub.channel.is_closed:
                     raise _Abandoned() from exc
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from outbox.ports import Publisher
+from outbox.ports import BrokerHealth, Publisher
 from outbox.rows import Outcome, Row
 from tests.contract.conftest import wait
 
@@ -24,6 +24,12 @@ async def test_one_result_per_row_in_order(publisher_case: tuple[Publisher, str]
     rows = [row(i, queue) for i in range(50)]
     results = await publisher.publish(rows, 0)
     assert [r.outcome for r in results] == [Outcome.CONFIRMED] * 50
+
+
+async def test_a_connected_publisher_reports_itself_healthy(
+        publisher_case: tuple[Publisher, str]) -> None:
+    publisher, _ = publisher_case
+    assert publisher.health() == BrokerHealth(ready=True, blocked=False, problem="")
 
 
 async def test_an_unroutable_row_fails_alone(publisher_case: tuple[Publisher, str]) -> None:

@@ -9,6 +9,7 @@ import orjson
 from outbox.ports import StoreSession
 from outbox.rows import Settlement
 from tests.contract.conftest import StoreCase
+from tests.support import until
 
 
 async def test_claim_takes_ready_rows_in_id_order_up_to_the_limit(store_case: StoreCase) -> None:
@@ -41,6 +42,27 @@ async def test_a_claimed_row_is_skipped_by_other_sessions_until_released(
         await b.close()
 
 
+async def test_settle_gives_each_retried_row_its_own_delay(store_case: StoreCase) -> None:
+    """The settlement's writes reach the rows they name: of two retries in one batch, only the
+    one with no delay is claimable again, counted once; the one parked stays out."""
+    later, now, parked = (store_case.insert("rk") for _ in range(3))
+    session = await store_case.store.session()
+    try:
+        await session.claim(10)
+        s = Settlement()
+        s.retry(later, 30.0, "nacked")
+        s.retry(now, 0.0, "returned")
+        s.park(parked, "too big", counted=True)
+        await session.settle(s)
+        [again] = await session.claim(10)
+        assert (again.id, again.attempts) == (now, 1)
+        await session.release()
+        stats = await store_case.store.stats()
+        assert (stats.pending, stats.retrying, stats.dead) == (2, 2, 1)
+    finally:
+        await session.close()
+
+
 async def test_settle_removes_sent_reschedules_failed_and_parks_dead(
         store_case: StoreCase) -> None:
     sent, retry, dead = (store_case.insert("rk") for _ in range(3))
@@ -49,7 +71,7 @@ async def test_settle_removes_sent_reschedules_failed_and_parks_dead(
         await session.claim(10)
         s = Settlement(sent=[sent])
         s.retry(retry, 0.4, "nacked")
-        s.dead(dead, "too big", counted=False)
+        s.park(dead, "too big", counted=False)
         await session.settle(s)
         assert await session.claim(10) == []  # the retry is not ready yet
         await session.release()
@@ -66,10 +88,13 @@ async def test_settle_removes_sent_reschedules_failed_and_parks_dead(
 async def claim_exactly(session: StoreSession, want: list[int]) -> None:
     """Claim until the batch is ``want``: a keyed row waits while any older transaction in the
     cluster is still open (the ordering horizon), which other sessions may hold for a moment."""
-    async with asyncio.timeout(10):
-        while [r.id for r in await session.claim(10)] != want:
-            await session.release()
-            await asyncio.sleep(0.05)
+    async def claimed() -> bool:
+        if [r.id for r in await session.claim(10)] == want:
+            return True
+        await session.release()
+        return False
+
+    await until(claimed, 10, f"a claim of exactly {want}")
 
 
 async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCase) -> None:
@@ -84,7 +109,7 @@ async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCa
         await a.settle(Settlement(sent=[k1[0], free, k2]))
         await claim_exactly(b, [k1[1]])
         s = Settlement()
-        s.dead(k1[1], "poison", counted=False)
+        s.park(k1[1], "poison", counted=False)
         await b.settle(s)
         assert await a.claim(10) == []  # a dead row blocks its key
         await a.release()

@@ -31,6 +31,7 @@ from tests.faults.harness import (
     execute,
     fault_settings,
     rabbitmqctl,
+    readyz,
     sessions,
     terminate,
     until,
@@ -39,8 +40,8 @@ from tests.faults.harness import (
 from tests.proxy import FaultProxy
 
 __all__ = ["AMQP_PORT", "FAST", "PG_PORT", "Collector", "Ledger", "RelayProcess", "Tally",
-           "collecting", "execute", "fault_settings", "rabbitmqctl", "sessions", "terminate",
-           "until", "via"]
+           "collecting", "execute", "fault_settings", "rabbitmqctl", "readyz", "sessions",
+           "terminate", "until", "via"]
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The fault suite's machinery, importable by the tests (through their fixtures in conftest.py)
-and by the chaos run (`python -m tests.chaos`): relay processes, a reconnecting consumer, the
-ledger that counts every row, and producers that keep committing rows while faults happen.
+and by the chaos run (`python -m tests.chaos`): relay processes, the steps every fault test
+takes (a drain under way, recovery, a last drain), the ledger that counts every row, and
+producers that keep committing rows while faults happen. The consumer (`Collector`) and the one
+wait (`until`) are `tests.support`'s, shared with the other tiers.
 
 Every fault test ends with ``await ledger.account()``: over all rows it committed, delivered
 (distinct message ids a consumer saw) + dead must equal committed, lost must be 0, and the
@@ -17,43 +19,28 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiormq
+import orjson
 import psycopg
 from psycopg import sql
 
-from outbox.frames import reader_died
 from outbox.settings import Settings
 from tests import support
 from tests.proxy import FaultProxy
 from tests.rabbit_node import RabbitNode
+from tests.support import Collector, until
 
 PG_PORT = 5432
 AMQP_PORT = 5672
 FAST = dict(poll_interval=0.2, retry_base=0.05, retry_max=0.2, publish_timeout=2.0,
             db_timeout=3.0, http_port=0, stats_interval=1.0)
 TALLIES: list[tuple[str, Tally]] = []
-
-
-# -- waiting --
-
-async def until(cond: Callable[[], Any | Awaitable[Any]], timeout: float, what: str,
-                interval: float = 0.05) -> Any:
-    """Poll ``cond`` (sync or async) until it is truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # -- relay processes --
@@ -115,6 +102,17 @@ class RelayProcess:
         return "\n".join(self.lines[-n:])
 
 
+def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return int(r.status), orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), orjson.loads(e.read())
+    except OSError:
+        return 0, {}
+
+
 def rabbitmqctl(node: RabbitNode, *args: str, timeout: float = 60) -> str:
     """Run ``rabbitmqctl -n <node> ...`` (as the rabbitmq user, which holds the Erlang cookie)."""
     cmd = ["rabbitmqctl", "-n", node.nodename, *args]
@@ -170,100 +168,38 @@ def execute(settings: Settings, query: str, params: Sequence[Any] = ()) -> list[
         return cur.fetchall() if cur.description else []
 
 
-# -- consuming --
+def status(settings: Settings) -> dict[str, object]:
+    """`outbox status --json`, run against the database directly."""
+    direct = settings.replace(database_url=support.DATABASE_URL)
+    out = subprocess.run(support.outbox_cmd("status", "--json"), env=support.relay_env(direct),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    data: dict[str, object] = orjson.loads(out.stdout)
+    return data
 
-class Collector:
-    """Consumes queues on one or more brokers, reconnecting after a broker dies; records every
-    message id it receives (and acks it)."""
 
-    def __init__(self, queues: Sequence[str], urls: Sequence[str] = (support.AMQP_URL,),
-                 arguments: dict[str, Any] | None = None) -> None:
-        self.queues = list(queues)
-        self.urls = list(urls)
-        self.arguments = arguments
-        self.received: list[str] = []
-        self.seen: set[str] = set()  # distinct message ids, kept as they come
-        self.bodies: dict[str, bytes] = {}
-        self.arrived = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._conns: list[aiormq.abc.AbstractConnection] = []
-        self._ready: list[asyncio.Event] = []
+async def under_way(relays: Callable[..., RelayProcess], ledger: Ledger, consumer: Collector,
+                    settings: Settings, queue: str, rows: int, *, delivered: int) -> RelayProcess:
+    """Commit ``rows`` rows for ``queue``, start a relay, and return it once more than
+    ``delivered`` messages arrived: the fault then strikes mid-drain."""
+    ledger.insert(settings, rows, queue)
+    relay = relays(settings)
+    await until(lambda: len(consumer.received) > delivered, 30, "the drain under way")
+    return relay
 
-    async def __aenter__(self) -> Collector:
-        for url in self.urls:
-            ev = asyncio.Event()
-            self._ready.append(ev)
-            self._tasks.append(asyncio.create_task(self._consume(url, ev)))
-        async with asyncio.timeout(30):
-            await asyncio.gather(*(ev.wait() for ev in self._ready))
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for c in self._conns:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await c.close()
+async def recovered(relay: RelayProcess, ledger: Ledger, settle: float = 60) -> Tally:
+    """After the fault: every row settles while the same relay keeps running; then count."""
+    await ledger.wait_settled(settle)
+    assert relay.alive, relay.log_tail()
+    return await ledger.account()
 
-    async def _consume(self, url: str, ready: asyncio.Event) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(10):
-                    conn = await aiormq.connect(url + "?heartbeat=5")
-                self._conns.append(conn)
-                ch = await conn.channel()
-                await ch.basic_qos(prefetch_count=1000)
-                for q in self.queues:
-                    await ch.queue_declare(q, durable=True, arguments=self.arguments)
-                    await ch.basic_consume(q, self._on_message)
-                ready.set()
-                # aiormq's `closing` may never resolve after a reset (its reader died, its
-                # clean-up hangs): watch the reader too, as the relay's publisher does
-                closing = conn.closing
-                while not (closing.done() or reader_died(conn)):
-                    await asyncio.wait([closing], timeout=1.0)
-                closing.cancel()
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(1.0):
-                        await conn.close()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.3)
 
-    async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
-        mid = msg.header.properties.message_id or ""
-        self.received.append(mid)
-        self.seen.add(mid)
-        self.bodies[mid] = msg.body
-        self.arrived.set()
-        tag = getattr(msg.delivery, "delivery_tag", None)
-        if isinstance(tag, int):
-            with contextlib.suppress(Exception):
-                await msg.channel.basic_ack(tag)
-
-    @property
-    def distinct(self) -> set[str]:
-        return set(self.seen)
-
-    @property
-    def count(self) -> int:
-        """How many distinct message ids arrived."""
-        return len(self.seen)
-
-    async def reached(self, n: int, timeout: float, what: str = "") -> None:
-        """Wait until ``n`` distinct message ids arrived; fail after ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
-                while len(self.seen) < n:
-                    self.arrived.clear()
-                    await self.arrived.wait()
-        except TimeoutError:
-            about = f": {what}" if what else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {n} distinct "
-                                 f"deliveries ({len(self.seen)} arrived){about}") from None
+async def finish(relays: Callable[..., RelayProcess], settings: Settings,
+                 timeout: float = 60) -> None:
+    """A last relay drains whatever the ones before it left (their claims released) and exits 0."""
+    last = relays(settings, "--drain")
+    assert await last.wait(timeout) == 0, last.log_tail()
 
 
 # -- the ledger --

@@ -25,7 +25,7 @@ from tests.faults.conftest import (
     sessions,
     until,
 )
-from tests.faults.test_connections import status
+from tests.faults.harness import recovered, status, under_way
 from tests.proxy import FaultProxy
 from tests.rabbit_node import RabbitNode
 
@@ -51,6 +51,21 @@ def on_node(schema: str, amqp_url: str, db: FaultProxy, **changes: object) -> Se
                           database_url=db.url(support.DATABASE_URL), **changes)
 
 
+async def no_transaction_held(db_proxy: FaultProxy, release: float, hold: float,
+                              when: str) -> None:
+    """The relay's batch in flight is released within ``release`` seconds, then no transaction
+    of the relay opens for ``hold`` seconds: it claims nothing while the broker cannot take it."""
+
+    def open_transactions() -> list[tuple[int, str]]:
+        return [s for s in sessions(db_proxy.upstream_ports()) if s[1] == "idle in transaction"]
+
+    await until(lambda: not open_transactions(), release, "the batch in flight released")
+    end = time.monotonic() + hold
+    while time.monotonic() < end:
+        assert not open_transactions(), f"a transaction is open {when}"
+        await asyncio.sleep(0.1)
+
+
 async def test_broker_killed_for_10s_and_database_cut_mid_drain(
     schema: str, running: RabbitNode, db_proxy: FaultProxy, ledger: Ledger,
     relays: Callable[..., RelayProcess],
@@ -61,24 +76,13 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
     queue = support.unique("q")
     settings = on_node(schema, node.url, db_proxy, batch_size=200)
     async with collecting(ledger, [queue], [node.url]) as consumer:
-        ledger.insert(settings, 20_000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 1000, 30, "the drain under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 20_000,
+                                delivered=1000)
         killed_at = time.monotonic()
         await asyncio.to_thread(node.kill)
         await relay.wait_log(r"broker unavailable", 15)
-
-        def open_transactions() -> list[tuple[int, str]]:
-            return [s for s in sessions(db_proxy.upstream_ports())
-                    if s[1] == "idle in transaction"]
-
-        # the batch in flight is released; then, while the broker is down, nothing is claimed
-        await until(lambda: not open_transactions(), settings.publish_timeout + 5,
-                    "the batch in flight released")
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            assert not open_transactions(), "a transaction is open while the broker is down"
-            await asyncio.sleep(0.1)
+        await no_transaction_held(db_proxy, settings.publish_timeout + 5, 2,
+                                  "while the broker is down")
         db_proxy.refuse()
         backlog = status(settings)
         print(f"\nstatus with the broker and the database down: {backlog}")
@@ -90,9 +94,7 @@ async def test_broker_killed_for_10s_and_database_cut_mid_drain(
         await relay.wait_log(r"database unavailable", 30)
         assert relay.alive, relay.log_tail()
         db_proxy.restore()
-        await ledger.wait_settled(90)
-        assert relay.alive, relay.log_tail()
-        tally = await ledger.account()
+        tally = await recovered(relay, ledger, 90)
     assert tally.dead == 0
 
 
@@ -114,19 +116,9 @@ async def test_memory_alarm_stops_claiming_and_holds_no_transaction(
             # the broker blocks a connection when it next publishes: give the relay rows
             ledger.insert(settings, 500, queue, start=300)
             await relay.wait_log(r"was blocked", 30)
-
-            def open_transactions() -> list[tuple[int, str]]:
-                return [s for s in sessions(db_proxy.upstream_ports())
-                        if s[1] == "idle in transaction"]
-
-            # the batch caught by the block is released at its publish deadline
-            await until(lambda: not open_transactions(), settings.publish_timeout + 5,
-                        "no open transaction")
-            # while blocked, for 3 s: nothing claimed, nothing published, no transaction open
-            end = time.monotonic() + 3
-            while time.monotonic() < end:
-                assert not open_transactions(), "a transaction is open while blocked"
-                await asyncio.sleep(0.1)
+            # the batch caught by the block is released at its publish deadline; while
+            # blocked: nothing claimed, nothing published, no transaction open
+            await no_transaction_held(db_proxy, settings.publish_timeout + 5, 3, "while blocked")
             assert len(consumer.received) == seen
             assert support.count(settings.replace(database_url=support.DATABASE_URL),
                                  "sent_at IS NULL AND attempts = 0") == 500
@@ -149,9 +141,8 @@ async def test_failover_to_the_other_node_when_the_one_in_use_dies(
         queue = support.unique("q")
         settings = on_node(schema, f"{running.url},{other.url}", db_proxy, batch_size=200)
         async with collecting(ledger, [queue], [running.url, other.url]) as consumer:
-            ledger.insert(settings, 10_000, queue)
-            relay = relays(settings)
-            await until(lambda: len(consumer.received) > 500, 30, "the drain under way")
+            relay = await under_way(relays, ledger, consumer, settings, queue, 10_000,
+                                    delivered=500)
             line = await relay.wait_log(r"broker connected", 5)
             port = int(re.findall(r"127\.0\.0\.1:(\d+)", line)[0])
             in_use = nodes[port]

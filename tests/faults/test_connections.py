@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import orjson
@@ -26,10 +23,12 @@ from tests.faults.conftest import (
     collecting,
     execute,
     fault_settings,
+    readyz,
     sessions,
     terminate,
     until,
 )
+from tests.faults.harness import finish, recovered, status, under_way
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.faults
@@ -52,24 +51,21 @@ def delivered_but_unsettled(settings: Settings, consumer: Collector) -> set[str]
     return unsent & consumer.distinct
 
 
-async def consumer_quiet(consumer: Collector, seconds: float = 0.5, timeout: float = 10) -> None:
-    """Wait until nothing arrived at the consumer for ``seconds``."""
-    deadline = time.monotonic() + timeout
-    seen = -1
-    while seen != len(consumer.received):
-        assert time.monotonic() < deadline, "the consumer never went quiet"
-        seen = len(consumer.received)
-        await asyncio.sleep(seconds)
-
-
-def status(settings: Settings) -> dict[str, object]:
-    """`outbox status --json`, run against the database directly."""
-    direct = settings.replace(database_url=support.DATABASE_URL)
-    out = subprocess.run(support.outbox_cmd("status", "--json"), env=support.relay_env(direct),
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    data: dict[str, object] = orjson.loads(out.stdout)
-    return data
+async def stalled_then_restored(relay: RelayProcess, ledger: Ledger, proxy: FaultProxy,
+                                noticed: str, *, within: float, settle: float, said: str) -> None:
+    """Stall ``proxy`` mid-drain: the relay must notice (the log line ``noticed``) within
+    ``within`` seconds, outlive the silence (longer than aiormq's close or a query's deadline
+    waits for the peer), and resume by itself once the link is back, settling every row."""
+    proxy.stall()
+    t0 = time.monotonic()
+    line = await relay.wait_log(noticed, 15)
+    detected = time.monotonic() - t0
+    print(f"\n{said} after {detected:.2f}s: {line}")
+    assert detected < within
+    await asyncio.sleep(3)  # the link stays silent a while longer (the scenario)
+    assert relay.alive, relay.log_tail()
+    proxy.restore()
+    await recovered(relay, ledger, settle)
 
 
 async def test_stalled_broker_fails_by_the_publish_deadline_not_the_heartbeat(
@@ -80,23 +76,12 @@ async def test_stalled_broker_fails_by_the_publish_deadline_not_the_heartbeat(
     settings = proxied(schema, amqp_proxy, None, heartbeat=60, publish_timeout=2.0,
                        batch_size=50)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 4000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 300, 30, "publishing under way")
-        amqp_proxy.stall()
-        t0 = time.monotonic()
-        await relay.wait_log(r"within the deadline: reconnecting", 15)
-        detected = time.monotonic() - t0
-        print(f"\nstall detected after {detected:.2f}s (publish timeout 2s, heartbeat 60s)")
-        assert detected < settings.publish_timeout + 1.5
-        # the link stays dead a while longer (longer than aiormq's own close waits for the
-        # peer), then comes back: the relay must reconnect by itself
-        await asyncio.sleep(3)
-        assert relay.alive, relay.log_tail()
-        amqp_proxy.restore()
-        await ledger.wait_settled(90)
-        assert relay.alive, relay.log_tail()
-        await ledger.account()
+        relay = await under_way(relays, ledger, consumer, settings, queue, 4000,
+                                delivered=300)
+        await stalled_then_restored(
+            relay, ledger, amqp_proxy, r"within the deadline: reconnecting",
+            within=settings.publish_timeout + 1.5, settle=90,
+            said="stall detected (publish timeout 2s, heartbeat 60s)")
 
 
 async def test_confirm_lost_after_the_broker_got_the_message_is_republished(
@@ -105,20 +90,17 @@ async def test_confirm_lost_after_the_broker_got_the_message_is_republished(
 ) -> None:
     settings = proxied(schema, amqp_proxy, None, publish_timeout=10.0, batch_size=500)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 5000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 0, 30, "publishing under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 5000,
+                                delivered=0)
         amqp_proxy.stall("down")  # publishes reach the broker; its confirms do not come back
         await until(lambda: delivered_but_unsettled(settings, consumer), 10,
                     "a message at the consumer, its row unsettled")
-        await consumer_quiet(consumer)  # whatever was confirmed before the stall is settled now
+        await consumer.quiet(timeout=10)  # whatever was confirmed before the stall is settled now
         held = delivered_but_unsettled(settings, consumer)
         assert held, "no message is waiting for its confirm"
         amqp_proxy.cut()
         amqp_proxy.restore()
-        await ledger.wait_settled(60)
-        assert relay.alive, relay.log_tail()
-        tally = await ledger.account()
+        tally = await recovered(relay, ledger)
     print(f"{len(held)} messages routed and unsettled when the connection was cut")
     # the held confirms come back as duplicates (the inbox absorbs them); rows of the same batch
     # whose confirm had arrived before the stall are settled, not published again
@@ -132,13 +114,12 @@ async def test_db_connection_killed_after_publish_before_mark(
     settings = proxied(schema, amqp_proxy, db_proxy, publish_timeout=10.0, batch_size=300,
                        concurrency=1)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 3000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 0, 30, "publishing under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 3000,
+                                delivered=0)
         amqp_proxy.stall("down")  # hold the confirms: the batch stays published but unmarked
         await until(lambda: delivered_but_unsettled(settings, consumer), 10,
                     "a batch at the broker, its rows unmarked")
-        await consumer_quiet(consumer)
+        await consumer.quiet(timeout=10)
         held = delivered_but_unsettled(settings, consumer)
         in_txn = await until(
             lambda: [s for s in sessions(db_proxy.upstream_ports())
@@ -146,9 +127,7 @@ async def test_db_connection_killed_after_publish_before_mark(
         assert terminate(db_proxy.upstream_ports(), "outbox-relay") >= len(in_txn)
         amqp_proxy.release()  # the confirms arrive; the mark cannot be written any more
         await relay.wait_log(r"database unavailable", 15)
-        await ledger.wait_settled(60)
-        assert relay.alive, relay.log_tail()
-        tally = await ledger.account()
+        tally = await recovered(relay, ledger)
     print(f"marks lost for {len(held)} confirmed messages")
     assert held and tally.duplicates >= len(held)
 
@@ -161,9 +140,8 @@ async def test_database_gone_for_a_while_relay_reconnects_and_resumes(
     reconnects are refused for a while, then the database "comes back"."""
     settings = proxied(schema, None, db_proxy, batch_size=200)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 5000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 200, 30, "publishing under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 5000,
+                                delivered=200)
         # as a restart does: the server ends every session (57P01), then refuses for a while
         assert terminate(db_proxy.upstream_ports()) >= 1
         db_proxy.refuse()
@@ -196,17 +174,6 @@ async def test_slow_links_deliver_everything_without_failures(
         tally = await ledger.account()
         assert not relay.logged(r"publish failed"), relay.log_tail()
     assert tally.duplicates == 0 and tally.dead == 0
-
-
-def readyz(port: int) -> tuple[int, dict[str, object]]:
-    """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return int(r.status), orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return int(e.code), orjson.loads(e.read())
-    except OSError:
-        return 0, {}
 
 
 async def test_wrong_password_is_one_clear_line_and_the_relay_keeps_running(
@@ -268,9 +235,7 @@ async def test_relay_started_while_both_services_are_unreachable_waits_then_drai
         await relay.wait_log(r"database unavailable", 15)
         assert relay.alive, relay.log_tail()
         db_proxy.restore()
-        await ledger.wait_settled(60)
-        assert relay.alive, relay.log_tail()
-        await ledger.account()
+        await recovered(relay, ledger)
 
 
 async def test_sigterm_with_a_stalled_broker_exits_0_at_the_shutdown_deadline(
@@ -282,9 +247,8 @@ async def test_sigterm_with_a_stalled_broker_exits_0_at_the_shutdown_deadline(
     settings = proxied(schema, amqp_proxy, None, publish_timeout=30.0, shutdown_timeout=1.0,
                        batch_size=200)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 5000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 200, 30, "publishing under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 5000,
+                                delivered=200)
         amqp_proxy.stall()
         relay.kill(signal.SIGTERM)
         t0 = time.monotonic()
@@ -294,8 +258,7 @@ async def test_sigterm_with_a_stalled_broker_exits_0_at_the_shutdown_deadline(
         assert code == 0, relay.log_tail()
         assert took < settings.shutdown_timeout + 3
         amqp_proxy.restore()
-        last = relays(settings, "--drain")
-        assert await last.wait(60) == 0, last.log_tail()
+        await finish(relays, settings)
         await ledger.account()
 
 
@@ -305,18 +268,8 @@ async def test_stalled_database_fails_by_the_query_deadline_and_resumes(
 ) -> None:
     settings = proxied(schema, None, db_proxy, db_timeout=2.0, batch_size=100)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 5000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 300, 30, "publishing under way")
-        db_proxy.stall()
-        t0 = time.monotonic()
-        line = await relay.wait_log(r"database unavailable", 15)
-        detected = time.monotonic() - t0
-        print(f"\ndatabase stall detected after {detected:.2f}s (db timeout 2s): {line}")
-        assert detected < settings.db_timeout + 2
-        await asyncio.sleep(3)  # the database stays silent a while longer (the scenario)
-        assert relay.alive, relay.log_tail()
-        db_proxy.restore()
-        await ledger.wait_settled(60)
-        assert relay.alive, relay.log_tail()
-        await ledger.account()
+        relay = await under_way(relays, ledger, consumer, settings, queue, 5000,
+                                delivered=300)
+        await stalled_then_restored(
+            relay, ledger, db_proxy, r"database unavailable", within=settings.db_timeout + 2,
+            settle=60, said="database stall detected (db timeout 2s)")

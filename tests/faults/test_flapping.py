@@ -14,6 +14,7 @@ import pytest
 
 from tests import support
 from tests.faults.conftest import Ledger, RelayProcess, collecting, fault_settings, until
+from tests.faults.harness import finish, under_way
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.faults
@@ -40,9 +41,8 @@ async def test_sigterm_is_obeyed_while_the_broker_connection_flaps(
     settings = fault_settings(schema, amqp_url=amqp_proxy.url(support.AMQP_URL), http_port=port,
                               concurrency=4, batch_size=50, shutdown_timeout=5.0)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 1000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 100, 30, "publishing under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 1000,
+                                delivered=100)
         for cut in range(CUTS):
             delivered = len(consumer.distinct)
             amqp_proxy.cut()
@@ -61,6 +61,5 @@ async def test_sigterm_is_obeyed_while_the_broker_connection_flaps(
         print(f"\n{CUTS + 1} cuts; SIGTERM -> exit {code} in {took:.2f}s")
         assert code == 0, relay.log_tail()
         assert took < settings.shutdown_timeout + 3
-        last = relays(settings, "--drain")
-        assert await last.wait(60) == 0, last.log_tail()
+        await finish(relays, settings)
         await ledger.account()

@@ -14,8 +14,6 @@ import random
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ from outbox.settings import Settings
 from outbox.store import READ_ONLY
 from tests import support
 from tests.faults.conftest import Collector, Ledger, RelayProcess, collecting, fault_settings, until
+from tests.faults.harness import readyz
 from tests.postgres_pair import PostgresPair
 
 pytestmark = pytest.mark.faults
@@ -223,8 +222,9 @@ async def test_relay_on_a_standby_says_so_once_and_drains_once_promoted(
         relay = relays(standby)
         await relay.wait_log("read-only standby", 30)
         before = attempts(pair)
-        body = await until(lambda: readyz(port), 30, "/readyz answering")
-        assert READ_ONLY in body and '"ready":false' in body, body
+        await until(lambda: readyz(port)[0], 30, "/readyz answering")
+        status, body = readyz(port)
+        assert status == 503 and READ_ONLY in str(body["problems"]), body
         # the lanes retry: several connection attempts (few others: stats every 60 s), one line
         await until(lambda: attempts(pair) >= before + 3, 30, "the relay retrying")
         assert len(relay.logged("read-only standby")) == 1, relay.log_tail()
@@ -242,16 +242,6 @@ def attempts(pair: PostgresPair) -> int:
         row = conn.execute("SELECT sessions FROM pg_stat_database "
                            "WHERE datname = 'postgres'").fetchone()
         return int(row[0]) if row else 0
-
-
-def readyz(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return str(r.read().decode())
-    except urllib.error.HTTPError as exc:
-        return str(exc.read().decode())
-    except OSError:
-        return ""
 
 
 def doctor(settings: Settings) -> str:

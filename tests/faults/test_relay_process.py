@@ -16,8 +16,8 @@ from tests.faults.conftest import (
     RelayProcess,
     collecting,
     fault_settings,
-    until,
 )
+from tests.faults.harness import finish, under_way
 
 pytestmark = pytest.mark.faults
 
@@ -43,8 +43,7 @@ async def test_relay_sigkill_at_random_points_loses_nothing(
             assert await relay.wait(10) == -signal.SIGKILL
         # the killed relays' claims are released (their transactions rolled back): a last relay
         # finishes everything
-        last = relays(settings, "--drain")
-        assert await last.wait(60) == 0, last.log_tail()
+        await finish(relays, settings)
         tally = await ledger.account()
     assert tally.dead == 0
     # a duplicate needs a kill between confirm and commit: at most the batches in flight
@@ -56,9 +55,8 @@ async def test_sigterm_during_large_drain_exits_0_and_next_relay_finishes(
 ) -> None:
     settings = fault_settings(schema, batch_size=500, shutdown_timeout=5.0)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 20_000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 2000, 30, "the drain under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 20_000,
+                                delivered=2000)
         t0 = time.monotonic()
         relay.kill(signal.SIGTERM)
         code = await relay.wait(settings.shutdown_timeout + 5)
@@ -68,8 +66,7 @@ async def test_sigterm_during_large_drain_exits_0_and_next_relay_finishes(
         print(f"\nSIGTERM -> exit 0 in {took:.2f}s with "
               f"{support.count(settings, 'sent_at IS NULL')} rows left")
         assert support.count(settings, "sent_at IS NULL") > 0, "the drain was over already"
-        last = relays(settings, "--drain")
-        assert await last.wait(60) == 0, last.log_tail()
+        await finish(relays, settings)
         tally = await ledger.account()
     assert tally.dead == 0
     # a clean stop settles its batches: nothing is published twice
@@ -81,17 +78,15 @@ async def test_second_sigterm_exits_at_once_and_loses_nothing(
 ) -> None:
     settings = fault_settings(schema, batch_size=500, shutdown_timeout=30.0)
     async with collecting(ledger, [queue]) as consumer:
-        ledger.insert(settings, 10_000, queue)
-        relay = relays(settings)
-        await until(lambda: len(consumer.received) > 1000, 30, "the drain under way")
+        relay = await under_way(relays, ledger, consumer, settings, queue, 10_000,
+                                delivered=1000)
         relay.kill(signal.SIGTERM)
         relay.kill(signal.SIGTERM)
         t0 = time.monotonic()
         code = await relay.wait(10)
         assert time.monotonic() - t0 < 5
         assert code in (0, 1), relay.log_tail()
-        last = relays(settings, "--drain")
-        assert await last.wait(60) == 0, last.log_tail()
+        await finish(relays, settings)
         await ledger.account()
 
 

@@ -25,14 +25,8 @@ import pytest
 from pamqp import commands as spec
 from psycopg import sql
 
-from outbox.consumer import (
-    ATTEMPT_HEADER,
-    DEAD_REASON_HEADER,
-    Consumer,
-    Message,
-    _Delivery,
-    _Subscription,
-)
+from outbox.consumer import ATTEMPT_HEADER, DEAD_REASON_HEADER, Consumer, Message
+from outbox.consumer.message import _Delivery, _Subscription
 from outbox.settings import Settings
 from tests import support
 from tests.rabbit_node import RabbitNode
@@ -508,14 +502,13 @@ async def locks_table(
 
 async def wait_lock_wait(watch: psycopg.AsyncConnection[Any], pid: int) -> None:
     """Until backend ``pid`` waits for a lock (no event tells it: poll, under a deadline)."""
-    async with asyncio.timeout(10):
-        while True:
-            cur = await watch.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
-            row = await cur.fetchone()
-            if row is not None and row[0] == "Lock":
-                return
-            await asyncio.sleep(0.01)
+    async def waiting() -> bool:
+        cur = await watch.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+        row = await cur.fetchone()
+        return row is not None and row[0] == "Lock"
+
+    await support.until(waiting, 10, f"backend {pid} waiting for a lock", interval=0.01)
 
 
 Provoke = Callable[[Any, Tx], Awaitable[None]]

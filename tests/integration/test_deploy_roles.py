@@ -18,9 +18,11 @@ from tests.support import as_role
 pytestmark = pytest.mark.timeout(120)
 
 
-def refused(conn: psycopg.Connection[Any], statement: sql.Composable) -> None:
-    with pytest.raises(errors.InsufficientPrivilege), conn.transaction():
-        conn.execute(statement)
+def refused(conn: psycopg.Connection[Any], schema: str, *statements: str) -> None:
+    """Each statement (``{}`` stands for the schema) fails for lack of privilege."""
+    for text in statements:
+        with pytest.raises(errors.InsufficientPrivilege), conn.transaction():
+            conn.execute(sql.SQL(text).format(sql.Identifier(schema)))
 
 
 async def test_relay_role_runs_the_relay_and_nothing_more(
@@ -30,14 +32,14 @@ async def test_relay_role_runs_the_relay_and_nothing_more(
     owner = support.make_settings(schema)
     ids = support.insert_rows(owner, 50, queue)
     settings = support.make_settings(schema, database_url=as_role(relay_role))
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         proc = support.start_relay(settings, "--drain")
         try:
             _, stderr = proc.communicate(timeout=60)
         finally:
             support.stop_process(proc)
         assert proc.returncode == 0, stderr.decode()[-2000:]
-        await consumer.wait_for(len(ids), timeout=30)
+        await consumer.reached(len(ids), timeout=30)
         await consumer.quiet(0.3)
     assert set(consumer.message_ids) == {str(i) for i in ids}
     assert len(consumer.message_ids) == len(ids)  # no duplicates
@@ -50,20 +52,19 @@ async def test_relay_role_runs_the_relay_and_nothing_more(
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "ok    grants" in doctor.stdout
 
-    s = sql.Identifier(schema)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         user = conn.execute("SELECT current_user").fetchone()
         assert user is not None and user[0] == relay_role
-        refused(conn, sql.SQL("ALTER TABLE {}.outbox ADD COLUMN x int").format(s))
-        refused(conn, sql.SQL("ALTER TABLE {}.outbox DISABLE TRIGGER outbox_notify").format(s))
-        refused(conn, sql.SQL("DROP TABLE {}.outbox").format(s))
-        refused(conn, sql.SQL("TRUNCATE {}.outbox").format(s))
-        refused(conn, sql.SQL("CREATE TABLE {}.evil (x int)").format(s))
-        refused(conn, sql.SQL("CREATE INDEX evil ON {}.outbox (id)").format(s))
-        refused(conn, sql.SQL("INSERT INTO {}.outbox (routing_key, payload) "
-                              "VALUES ('x', '{{}}')").format(s))
-        refused(conn, sql.SQL("UPDATE {}.outbox SET payload = '{{}}'").format(s))
-        refused(conn, sql.SQL("SELECT * FROM {}.inbox").format(s))
+        refused(conn, schema,
+                "ALTER TABLE {}.outbox ADD COLUMN x int",
+                "ALTER TABLE {}.outbox DISABLE TRIGGER outbox_notify",
+                "DROP TABLE {}.outbox",
+                "TRUNCATE {}.outbox",
+                "CREATE TABLE {}.evil (x int)",
+                "CREATE INDEX evil ON {}.outbox (id)",
+                "INSERT INTO {}.outbox (routing_key, payload) VALUES ('x', '{{}}')",
+                "UPDATE {}.outbox SET payload = '{{}}'",
+                "SELECT * FROM {}.inbox")
 
 
 def test_producer_and_consumer_roles_do_only_their_part(
@@ -79,12 +80,13 @@ def test_producer_and_consumer_roles_do_only_their_part(
                            .format(s)).fetchone()
         assert row is not None and row[0] != message_id
         conn.commit()
-        refused(conn, sql.SQL("SELECT payload FROM {}.outbox").format(s))
-        refused(conn, sql.SQL("UPDATE {}.outbox SET dead_at = now()").format(s))
-        refused(conn, sql.SQL("DELETE FROM {}.outbox").format(s))
-        refused(conn, sql.SQL("INSERT INTO {}.outbox (routing_key, payload, sent_at) "
-                              "VALUES ('x', '{{}}', now())").format(s))
-        refused(conn, sql.SQL("SELECT * FROM {}.inbox").format(s))
+        refused(conn, schema,
+                "SELECT payload FROM {}.outbox",
+                "UPDATE {}.outbox SET dead_at = now()",
+                "DELETE FROM {}.outbox",
+                "INSERT INTO {}.outbox (routing_key, payload, sent_at) "
+                "VALUES ('x', '{{}}', now())",
+                "SELECT * FROM {}.inbox")
     assert support.count(support.make_settings(schema)) == 2
 
     consumer_url = as_role(roles["consumer_role"])
@@ -93,8 +95,7 @@ def test_producer_and_consumer_roles_do_only_their_part(
                          "ON CONFLICT DO NOTHING").format(s)
         assert conn.execute(record, ("billing", message_id)).rowcount == 1
         assert conn.execute(record, ("billing", message_id)).rowcount == 0
-        refused(conn, sql.SQL("SELECT * FROM {}.outbox").format(s))
-        refused(conn, sql.SQL("DROP TABLE {}.inbox").format(s))
+        refused(conn, schema, "SELECT * FROM {}.outbox", "DROP TABLE {}.inbox")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     prune = subprocess.run(
         support.outbox_cmd("inbox", "prune", "--older-than", "0s", "--database-url",

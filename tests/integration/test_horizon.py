@@ -56,8 +56,8 @@ def poll_status(settings: Settings, want: Any) -> dict[str, Any]:
         return bool(want(last))
 
     try:
-        support.eventually(check, WAIT, interval=0.2)
-    except TimeoutError:
+        support.eventually(check, WAIT, "the expected status", interval=0.2)
+    except AssertionError:
         raise AssertionError(f"status never showed what was expected; last: {last}") from None
     return last
 
@@ -121,8 +121,8 @@ def test_a_long_writing_transaction_is_shown_counted_warned_about_and_clears(
 
         # and the key flows, in id order, the held transaction's row first
         async def consume() -> list[str]:
-            async with support.Consumer(queue) as consumer:
-                await consumer.wait_for(HELD + 1, timeout=WAIT)
+            async with support.Collector([queue]) as consumer:
+                await consumer.reached(HELD + 1, WAIT)
                 await consumer.quiet(0.3)
                 return consumer.message_ids
         assert asyncio.run(consume()) == [first[0], *(r[0] for r in later if r)]

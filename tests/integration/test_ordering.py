@@ -238,14 +238,16 @@ async def test_dead_row_blocks_only_its_key_and_retry_releases_it_in_order(
             (by_key["a"][0],))
     mids = dict(execute(settings, "SELECT message_id::text, id FROM {}.outbox"))
 
-    async def relay_until(n: int, consumer: support.Consumer) -> None:
-        async def relay() -> None:
-            while len(set(consumer.message_ids)) < n:
-                await run_relay(settings, drain=True)
-                await asyncio.sleep(0.1)
-        await asyncio.wait_for(relay(), WAIT + 10)
+    async def relay_until(n: int, consumer: support.Collector) -> None:
+        async def delivered() -> bool:
+            if consumer.count >= n:
+                return True
+            await run_relay(settings, drain=True)
+            return False
 
-    async with support.Consumer(queue) as consumer:
+        await support.until(delivered, WAIT + 10, f"{n} messages relayed", interval=0.1)
+
+    async with support.Collector([queue]) as consumer:
         await relay_until(5, consumer)
         await consumer.quiet(0.3)
         got = [mids[m] for m in consumer.message_ids]
@@ -272,8 +274,8 @@ async def test_two_relays_publish_each_key_in_id_order(schema: str, queue: str) 
     where = {m: (i, k) for m, i, k in rows}
     relays = [support.start_relay(settings) for _ in range(2)]
     try:
-        async with support.Consumer(queue) as consumer:
-            await consumer.wait_for(len(keys), timeout=60)
+        async with support.Collector([queue]) as consumer:
+            await consumer.reached(len(keys), timeout=60)
             await consumer.quiet(0.3)
     finally:
         codes = [support.stop_process(p) for p in relays]

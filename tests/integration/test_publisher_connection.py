@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from outbox.batch import Batch
 from outbox.exceptions import OutboxError
 from outbox.publisher import AmqpPublisher
-from outbox.rows import Outcome, Result, Row
+from outbox.rows import Outcome, Row
 from outbox.runner import run_relay
 from outbox.settings import Settings
+from outbox.supervisor import Supervisor
 from tests import support
 from tests.proxy import FaultProxy
 
@@ -71,7 +73,7 @@ async def test_wait_ready_awaits_while_a_lost_connection_is_still_current(
 
         conn._closing.add_done_callback(closed)  # a lane calling wait_ready in the window
         proxy.cut()  # the broker's side of the connection is gone
-        await support.wait_until(lambda: probes, timeout=10)
+        await support.until(lambda: probes, timeout=10)
         ready, yielded = await asyncio.wait_for(probes[0], 15)
         assert window == [True], "the window was not reached"
         assert yielded, "wait_ready returned without giving the event loop back"
@@ -93,7 +95,7 @@ async def test_a_channel_request_in_flight_when_aiormq_closes_the_connection_is_
         assert conn is not None
         proxy.stall("down")  # Channel.Open reaches the broker; its OpenOk never comes back
         publishing = asyncio.ensure_future(pub.publish([row()], lane=1))
-        await support.wait_until(lambda: conn.channels, timeout=10)  # opening the channel
+        await support.until(lambda: conn.channels, timeout=10)  # opening the channel
         await asyncio.wait_for(conn.close(), 15)  # aiormq's default: exc=CancelledError
         [outcome] = await asyncio.wait_for(
             asyncio.gather(publishing, return_exceptions=True), 15)
@@ -113,7 +115,7 @@ async def test_a_lane_cancelled_while_its_channel_opens_is_cancelled(proxy: Faul
         assert conn is not None
         proxy.stall("down")
         publishing = asyncio.ensure_future(pub.publish([row()], lane=1))
-        await support.wait_until(lambda: conn.channels, timeout=10)
+        await support.until(lambda: conn.channels, timeout=10)
         publishing.cancel()
         await asyncio.wait([publishing], timeout=15)
         assert publishing.cancelled()
@@ -128,24 +130,22 @@ async def test_a_lane_drops_only_the_connection_its_batch_was_on() -> None:
     connects a new one, then lane 1 times out on the first connection. Lane 1 must leave the
     new connection alone: dropping it would make every batch in flight on it unsettled."""
     pub = await started(publish_timeout=30.0)
-    loop = asyncio.get_running_loop()
     try:
         first = pub.connection
-        one, two = await pub._channel(1), await pub._channel(2)
+        one, two = await pub.broker.channel(1), await pub.broker.channel(2)
         async with contextlib.AsyncExitStack() as held:
             await held.enter_async_context(one.lock)
             await held.enter_async_context(two.lock)
-            results1: list[Result | None] = [None]
-            results2: list[Result | None] = [None]
-            lane1 = asyncio.ensure_future(
-                pub._publish_into([row()], [0], 1, results1, loop.time() + 5.0))
-            await pub._publish_into([row()], [0], 2, results2, loop.time() + 0.2)
+            batch1 = Batch(pub.broker, pub.settings, [row()], 1, 5.0)
+            batch2 = Batch(pub.broker, pub.settings, [row()], 2, 0.2)
+            lane1 = asyncio.ensure_future(batch1.publish_into([0]))
+            await batch2.publish_into([0])
             assert await pub.wait_ready(10)
             second = pub.connection
             assert second is not None and second is not first
             assert not lane1.done(), "lane 1 ended before the supervisor reconnected"
             await asyncio.wait_for(lane1, 15)
-        assert results1 == [None]  # unsettled: nothing was written
+        assert batch1.results == [None]  # unsettled: nothing was written
         assert pub.connection is second and pub.ready
     finally:
         await pub.close()
@@ -157,9 +157,9 @@ async def test_a_broker_supervisor_that_ends_stops_the_relay_with_one_clear_erro
     """Without its supervisor the relay would wait for the broker forever, reporting nothing
     new: it must stop, and `outbox relay` exit 1 with the reason."""
 
-    async def broken(self: AmqpPublisher) -> None:
+    async def broken(self: Supervisor) -> None:
         raise RuntimeError("supervisor bug")
 
-    monkeypatch.setattr(AmqpPublisher, "_supervise", broken)
+    monkeypatch.setattr(Supervisor, "_supervise", broken)
     with pytest.raises(OutboxError, match="the broker task ended: RuntimeError"):
         await asyncio.wait_for(run_relay(settings), 15)

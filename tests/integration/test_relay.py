@@ -33,9 +33,9 @@ async def test_committed_rows_arrive_with_their_body_and_properties(settings: Se
             "VALUES (%s, %s, 'application/x-protobuf') RETURNING message_id").format(ident),
             (queue, b"\x08\x96\x01")).fetchone()
     assert json_id and bytes_id and typed_id
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         counts = await asyncio.wait_for(run_relay(settings, drain=True), 30)
-        await consumer.wait_for(3, timeout=10)
+        await consumer.reached(3, 10)
     assert counts.published == 3
     by_id = {m.properties.message_id: m for m in consumer.messages}
     j = by_id[str(json_id[0])]
@@ -58,9 +58,9 @@ async def test_many_rows_each_arrive_once_and_mark_mode_keeps_them(schema: str,
                                                                   queue: str) -> None:
     settings = support.make_settings(schema, on_sent="mark", batch_size=100)
     ids = support.insert_rows(settings, 2_000, queue)
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         await asyncio.wait_for(run_relay(settings, drain=True), 60)
-        await consumer.wait_for(2_000, timeout=20)
+        await consumer.reached(2_000, 20)
         await consumer.quiet(0.3)
     assert sorted(consumer.message_ids) == sorted(str(i) for i in ids)
     assert support.count(settings, "sent_at IS NOT NULL") == 2_000
@@ -81,9 +81,9 @@ async def test_rolled_back_rows_are_never_published(settings: Settings, queue: s
         conn.execute(sql.SQL("INSERT INTO {}.outbox (routing_key, payload) VALUES (%s, '2')")
                      .format(ident), (queue,))
         conn.commit()
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         await asyncio.wait_for(run_relay(settings, drain=True), 30)
-        await consumer.wait_for(1)
+        await consumer.reached(1)
         await consumer.quiet(0.5)
     assert [m.body for m in consumer.messages] == [b"2"]
 
@@ -93,9 +93,9 @@ async def test_an_unroutable_row_is_not_marked_sent(schema: str, queue: str) -> 
     nowhere = support.unique("nowhere")
     support.insert_rows(settings, 1, nowhere)
     support.insert_rows(settings, 10, queue)
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         counts = await asyncio.wait_for(run_relay(settings, drain=True), 30)
-        await consumer.wait_for(10)
+        await consumer.reached(10)
     assert counts.published == 10 and counts.failed == 1
     with psycopg.connect(settings.database_url) as conn:
         row = conn.execute(sql.SQL(
@@ -129,13 +129,13 @@ def test_drain_exits_0_and_reports_what_is_left(settings: Settings) -> None:
 async def test_two_relays_publish_each_row_once(settings: Settings, queue: str) -> None:
     relays = [support.start_relay(settings) for _ in range(2)]
     try:
-        async with support.Consumer(queue) as consumer:
+        async with support.Collector([queue]) as consumer:
             total = 0
             for start in range(0, 3_000, 300):  # steady trickle while both relays run
                 support.insert_rows(settings, 300, queue, start=start)
                 total += 300
                 await asyncio.sleep(0.05)
-            await consumer.wait_for(total, timeout=60)
+            await consumer.reached(total, 60)
             await consumer.quiet(0.5)
         ids = consumer.message_ids
         assert len(ids) == total and len(set(ids)) == total  # no duplicates

@@ -14,7 +14,7 @@ from typing import Any
 import aiormq
 import psycopg
 import pytest
-from hypothesis import event, example, given
+from hypothesis import event, given
 from psycopg import errors as pgerrors
 from psycopg import sql
 
@@ -106,11 +106,7 @@ async def drain(settings: Settings) -> None:
     await publisher.start()
     relay = Relay(settings, PgStore(settings), publisher, drain=True, rng=random.Random(0))
     try:
-        async with asyncio.timeout(DRAIN_DEADLINE):
-            await relay.run()
-    except TimeoutError:
-        raise AssertionError(f"the drain did not end within {DRAIN_DEADLINE:g}s "
-                             f"(counts: {relay.counts})") from None
+        await rowspace.drain(relay, DRAIN_DEADLINE, lambda: f"counts: {relay.counts}")
     finally:
         await publisher.close()
 
@@ -138,7 +134,7 @@ async def run_example(settings: Settings, queue: str, frame_max: int,
             got = insert(conn, settings.schema, spec)
             if got is not None:
                 stored[got[0]] = (spec, *got[1:])
-    async with support.Consumer(queue) as consumer:
+    async with support.Collector([queue]) as consumer:
         for _ in range(MAX_ATTEMPTS + 2):
             await drain(settings)
             # a drain also ends when the only rows left are keyed rows written after the oldest
@@ -146,13 +142,14 @@ async def run_example(settings: Settings, queue: str, frame_max: int,
             # wait for the horizon to pass them and drain again
             if not held_back(settings):
                 break
-            await support.wait_until(lambda: not held_back(settings, horizon=True), 30, 0.1)
+            await support.until(lambda: not held_back(settings, horizon=True), 30,
+                                "the rows held back by the horizon released", interval=0.1)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             ends = {r[0]: r[1:] for r in conn.execute(sql.SQL(
                 "SELECT id, sent_at IS NOT NULL, dead_at IS NOT NULL, last_error, attempts, "
                 "ordering_key FROM {}.outbox").format(schema))}
         sent = {str(stored[i][1]) for i, e in ends.items() if e[0]}
-        await consumer.wait_for(len(sent), timeout=15)
+        await consumer.reached(len(sent), timeout=15)
     received = {m.properties.message_id: m for m in consumer.messages}
     dead_keys = {(e[4], i) for i, e in ends.items() if e[1] and e[4] is not None}
     for row_id, (spec, message_id, header_text, payload_text, epoch) in stored.items():
@@ -175,27 +172,14 @@ async def run_example(settings: Settings, queue: str, frame_max: int,
         assert got is not None, f"row {row_id} marked sent, never received"
         want = rowspace.expected(body, spec.content_type, payload_text is not None,
                                  header_text, spec.message_type, spec.correlation_id, epoch)
-        p = got.properties
         assert got.body == want.body
         assert got.routing_key == spec.routing_key
-        assert p.content_type == want.content_type
-        assert p.delivery_mode == 2
-        assert p.app_id == settings.app_id
-        assert want.timestamp is not None, f"row {row_id}: sent with created_at {epoch}"
-        assert p.timestamp == want.timestamp
-        assert p.message_type == want.message_type
-        assert p.correlation_id == want.correlation_id
-        assert (p.headers or {}) == want.headers, f"row {row_id}: headers changed"
-
-
-def with_edges(test: Any) -> Any:
-    for edge in rowspace.edge_rows(EXCHANGE, whole_range=True):
-        test = example(batch=[RowSpec("rk.good", EXCHANGE), edge])(test)
-    return test
+        rowspace.check_properties(got.properties, want, settings.app_id,
+                                  f"row {row_id} (created_at {epoch})")
 
 
 @rowspace.INTEGRATION
-@with_edges
+@rowspace.with_edges(EXCHANGE, whole_range=True)
 @given(batch=rowspace.batches(EXCHANGE, whole_range=True, refusable=True))
 def test_every_row_ends_sent_or_dead_and_good_rows_are_delivered(
         schema: str, fanout: tuple[str, int], batch: list[RowSpec]) -> None:

@@ -113,8 +113,8 @@ async def test_a_row_that_closes_the_connection_is_found_and_the_others_confirme
     again = await asyncio.wait_for(publisher.publish(unsettled + rows(queue, 3), 1), 10)
     assert [r.outcome for r in again] == [Outcome.CONFIRMED] * (len(unsettled) + 3)
     assert "unexpected publish error" not in caplog.text
-    async with support.Consumer(queue) as consumer:
-        await consumer.wait_for(74, timeout=10)
+    async with support.Collector([queue]) as consumer:
+        await consumer.reached(74, 10)
     delivered = set(consumer.message_ids)
     assert str(mine[17].message_id) not in delivered
     assert {str(r.message_id) for r in warm + mine + other if r is not mine[17]} <= delivered

@@ -31,12 +31,11 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from outbox import frames
-from outbox import publisher as publisher_module
 from outbox.exceptions import UnsupportedClient
 from outbox.publisher import AmqpPublisher
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
-from tests.support import wait_until
+from tests.support import until
 
 FRAME_MAX = 131_072
 DEADLINE = 10.0  # every wait of this file; a pass takes milliseconds
@@ -217,7 +216,7 @@ def connections(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Iterator[lis
         made.append(c)
         return c
 
-    monkeypatch.setattr(publisher_module.aiormq, "connect", fake_connect)
+    monkeypatch.setattr(aiormq, "connect", fake_connect)
     yield made
 
 
@@ -259,7 +258,7 @@ async def test_acks_nacks_and_returns_decide_each_row(publisher: AmqpPublisher,
     assert all(m.method.mandatory and m.method.routing_key == "orders" for m in sent)
     assert [m.body for m in sent] == [r.body for r in batch]
     ch = sent[0].channel
-    channel = publisher._channels[0]
+    channel = publisher.broker._channels[0]
     await broker.send(ch, spec.Basic.Ack(delivery_tag=2, multiple=True))  # rows 0 and 1
     await broker.returned(ch, sent[2])  # unroutable: returned, then acked (RabbitMQ does both)
     await broker.send(ch, spec.Basic.Ack(delivery_tag=3))
@@ -279,7 +278,7 @@ async def test_acks_nacks_and_returns_decide_each_row(publisher: AmqpPublisher,
     assert results[5].reason == "returned by the broker: 313 NO_CONSUMERS"
     # the channel forgot the batch: nothing left to match a later return or confirm against
     # (and, since the broker nacked a row on it, the lane will open a new one)
-    assert publisher._channels.get(0) is not channel
+    assert publisher.broker._channels.get(0) is not channel
     assert channel.confirmations == {} or all(
         isinstance(f, aiormq.channel.Returning) for f in channel.confirmations.values())
     assert channel.message_id_delivery_tag == {}
@@ -322,7 +321,7 @@ async def test_a_channel_close_is_bisected_to_the_row_that_caused_it(
     assert results[0] == results[1] == results[3] == CONFIRMED, results
     assert (results[2].outcome, results[2].kind) == (Outcome.FAILED, "channel"), results
     assert "NOT_FOUND - no exchange 'missing'" in results[2].reason
-    await wait_until(lambda: broker.closed_ok == [ch, again.channel], DEADLINE)
+    await until(lambda: broker.closed_ok == [ch, again.channel], DEADLINE)
 
 
 async def test_pipelined_confirms_without_the_publisher(conn: aiormq.Connection,
@@ -353,16 +352,16 @@ async def test_reader_died_when_the_broker_goes_away(conn: aiormq.Connection,
                                                      broker: Broker) -> None:
     assert not frames.reader_died(conn)
     broker.cut()
-    await wait_until(lambda: frames.reader_died(conn), DEADLINE)
+    await until(lambda: frames.reader_died(conn), DEADLINE)
 
 
 async def test_blocked_follows_the_brokers_blocked_and_unblocked(conn: aiormq.Connection,
                                                                  broker: Broker) -> None:
     assert not frames.blocked(conn)
     await broker.send(0, spec.Connection.Blocked(reason="low on memory"))
-    await wait_until(lambda: frames.blocked(conn), DEADLINE)
+    await until(lambda: frames.blocked(conn), DEADLINE)
     await broker.send(0, spec.Connection.Unblocked())
-    await wait_until(lambda: not frames.blocked(conn), DEADLINE)
+    await until(lambda: not frames.blocked(conn), DEADLINE)
 
 
 # -- every private part outbox reads fails loudly when gone -------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 import pytest
@@ -15,9 +16,10 @@ from outbox.exceptions import OutboxError, SchemaMissing
 from outbox.http import HealthServer
 from outbox.ports import Stats
 from outbox.relay import Relay
+from outbox.retry import Failures
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
-from tests.support import wait_until
+from tests.support import until
 
 SETTINGS = Settings.load({"batch_size": 10, "poll_interval": 0.05, "stats_interval": 0.5},
                          environ={})
@@ -76,7 +78,7 @@ async def test_a_lane_never_spins_while_the_broker_is_away() -> None:
     task = asyncio.create_task(relay.run())
     try:
         start = ticker.ticks
-        await wait_until(lambda: ticker.ticks > start + 20 or task.done(), timeout=10)
+        await until(lambda: ticker.ticks > start + 20 or task.done(), timeout=10)
         assert not task.done(), task.exception()
         relay.stop()
         await asyncio.wait_for(task, 5)
@@ -111,7 +113,7 @@ async def test_backlog_gauges_survive_a_relay_started_before_migrate() -> None:
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
     try:
-        await wait_until(lambda: metrics.REGISTRY.get_sample_value("outbox_pending") == 7
+        await until(lambda: metrics.REGISTRY.get_sample_value("outbox_pending") == 7
                          or task.done(), timeout=10)
         assert not task.done(), task.exception()
         assert store.stats_calls > store.missing_for
@@ -142,7 +144,7 @@ async def test_the_listener_survives_an_unexpected_error_says_so_once_and_listen
     before = task_errors("listen")
     task = asyncio.create_task(relay.run())
     try:
-        await wait_until(lambda: (store.listens >= 2 and relay._listening) or task.done(),
+        await until(lambda: (store.listens >= 2 and relay._listening) or task.done(),
                          timeout=10)
         assert not task.done(), task.exception()
     finally:
@@ -210,3 +212,28 @@ async def test_an_error_behind_an_http_request_is_logged_once_and_counted(
         await server.close()
     assert task_errors("http") == before + 2
     assert len([r for r in caplog.records if "HTTP request" in r.message]) == 1
+
+
+def test_a_tasks_failures_are_said_once_counted_and_backed_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one helper of every background task: an unexpected error is counted each time and
+    logged once until the task works again; an expected one (the database away) only backs
+    off; the delays grow to the cap and start over after a success."""
+    log = logging.getLogger("outbox.test")
+    failures = Failures(log, "test_helper", "the helper failed", base=1.0, cap=4.0,
+                        expected=(SchemaMissing,), rng=random.Random(0))
+    before = task_errors("test_helper")
+    with caplog.at_level(logging.ERROR, logger="outbox.test"):
+        delays = [failures.failed(RuntimeError("bug")) for _ in range(4)]
+        delays.append(failures.failed(SchemaMissing()))
+        failures.failed(RuntimeError("another bug"))
+        failures.succeeded()
+        again = failures.failed(RuntimeError("bug"))
+    assert 0.5 <= delays[0] <= 1.0
+    assert all(2.0 <= d <= 4.0 for d in delays[2:])  # capped at 4, jittered to half of it
+    assert 0.5 <= again <= 1.0  # started over
+    assert task_errors("test_helper") == before + 6  # every unexpected error, not the expected
+    said = [(r.getMessage(), r.exc_info is not None) for r in caplog.records
+            if r.name == "outbox.test"]
+    assert said == [("the helper failed", True)] * 3  # bug, another bug, bug after a success

@@ -11,12 +11,13 @@ import pytest
 
 from outbox import wakeup
 from outbox.exceptions import WakeupFlagUnavailable
+from outbox.ports import BLOCKED
 from outbox.relay import Relay, decide, oversized
 from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
 from outbox.testing import InMemorySession, InMemoryStore, StoredRow, StubPublisher
-from tests.support import wait_until
+from tests.support import until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
                           "poll_interval": 0.05}, environ={})
@@ -57,10 +58,13 @@ def test_decide_maps_each_outcome() -> None:
                Result(Outcome.UNSETTLED)]
     s = decide(batch, results, SETTINGS, random.Random(0))
     assert s.sent == [batch[0].id]
-    assert s.retry_ids == [batch[1].id] and 0.5 <= s.retry_delays[0] <= 1.0
-    assert s.dead_ids == [batch[2].id, batch[3].id]
-    assert s.dead_counted == [0, 1]  # poison is parked without counting a publish attempt
-    assert "attempt 3 of 3" in s.dead_errors[1]
+    assert [r.id for r in s.retries] == [batch[1].id] and 0.5 <= s.retries[0].delay <= 1.0
+    assert s.retries[0].error == "nacked"
+    assert [p.id for p in s.parked] == [batch[2].id, batch[3].id]
+    # poison is parked without counting a publish attempt
+    assert [p.counted for p in s.parked] == [False, True]
+    assert s.parked[0].error == "too big"
+    assert "attempt 3 of 3" in s.parked[1].error
     assert s.unsettled == 1
 
 
@@ -99,15 +103,15 @@ async def test_a_failing_row_retries_with_backoff_then_dies_without_stopping_oth
                         if r.routing_key == "nowhere" else Result.confirmed())
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    await wait_until(lambda: len(store.rows) == 1, 5)
+    await until(lambda: len(store.rows) == 1, 5)
     assert bad.attempts == 1 and bad.available_at > now[0]  # pushed back, not spinning
     published_before = len(pub.published)
     claims = store.claims
-    await wait_until(lambda: store.claims >= claims + 3, 5)  # the relay looked again, and
+    await until(lambda: store.claims >= claims + 3, 5)  # the relay looked again, and
     assert len(pub.published) == published_before  # found nothing due: no retry before its time
     for _ in range(SETTINGS.max_attempts):
         now[0] += SETTINGS.retry_max + 1
-        await wait_until(lambda: bad.dead or bad.available_at > now[0], 5)
+        await until(lambda: bad.dead or bad.available_at > now[0], 5)
     relay.stop()
     await asyncio.wait_for(task, 5)
     assert bad.dead and bad.attempts == SETTINGS.max_attempts
@@ -123,14 +127,41 @@ async def test_no_claims_while_the_broker_is_unavailable() -> None:
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
     # every lane has asked the broker more than once: the point where it would have claimed
-    await wait_until(lambda: pub.waits >= 3 * SETTINGS.concurrency, 5)
+    await until(lambda: pub.waits >= 3 * SETTINGS.concurrency, 5)
     assert store.claims == 0 and pub.published == []
     assert all(r.locked_by is None for r in store.rows.values())
     assert not relay.ready
     pub.connected = True
-    await wait_until(lambda: not store.rows, 5)
+    await until(lambda: not store.rows, 5)
     relay.stop()
     await asyncio.wait_for(task, 5)
+
+
+async def test_readiness_says_which_side_is_down_and_why() -> None:
+    """/readyz's answer comes from the relay and the Publisher protocol alone: the broker's
+    problem (a lost connection, a blocking broker) and the database's, each under its name."""
+    store = InMemoryStore()
+    pub = StubPublisher()
+    relay = Relay(SETTINGS, store, pub)
+    async with running(relay):
+        await until(lambda: relay.readiness()[0], 5)
+        assert relay.readiness() == (True, {"database": True, "broker": True, "blocked": False,
+                                            "problems": {}})
+        pub.blocked = True
+        ready, body = relay.readiness()
+        assert not ready and body["broker"] is False and body["blocked"] is True
+        assert body["problems"] == {"broker": BLOCKED}
+        pub.blocked, pub.connected = False, False
+        ready, body = relay.readiness()
+        assert not ready and (body["broker"], body["blocked"]) == (False, False)
+        assert body["problems"] == {"broker": "not connected to the broker (stub)"}
+        pub.connected = True
+        store.down = True
+        await until(lambda: not relay.health.database, 5)
+        ready, body = relay.readiness()
+        assert not ready and body["database"] is False
+        assert "in-memory store is down" in str(body["problems"])
+        store.down = False
 
 
 async def test_lost_database_is_retried_and_unsettled_rows_stay_pending() -> None:
@@ -139,14 +170,14 @@ async def test_lost_database_is_retried_and_unsettled_rows_stay_pending() -> Non
     pub = StubPublisher(lambda r: Result(Outcome.UNSETTLED))
     relay = Relay(SETTINGS, store, pub)
     task = asyncio.create_task(relay.run())
-    await wait_until(lambda: len(pub.published) >= 10, 5)
+    await until(lambda: len(pub.published) >= 10, 5)
     assert len(store.rows) == 5 and all(r.attempts == 0 for r in store.rows.values())
     store.down = True
-    await wait_until(lambda: not relay.health.database, 5)
+    await until(lambda: not relay.health.database, 5)
     store.down = False
     pub.rule = lambda r: Result.confirmed()
-    await wait_until(lambda: not store.rows, 10)
-    await wait_until(lambda: relay.health.database, 10)
+    await until(lambda: not store.rows, 10)
+    await until(lambda: relay.health.database, 10)
     relay.stop()
     await asyncio.wait_for(task, 5)
 
@@ -184,7 +215,7 @@ async def test_an_unexpected_error_rolls_the_batch_back_and_the_relay_goes_on() 
 
     relay = Relay(SETTINGS, store, Flaky())
     task = asyncio.create_task(relay.run())
-    await wait_until(lambda: not store.rows, 10)
+    await until(lambda: not store.rows, 10)
     assert not task.done()
     relay.stop()
     await asyncio.wait_for(task, 5)
@@ -213,16 +244,16 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
                              environ={})
     relay = Relay(settings, store, pub)
     async with running(relay):
-        await wait_until(lambda: len(claims) == 3)  # every lane found nothing and sleeps
+        await until(lambda: len(claims) == 3)  # every lane found nothing and sleeps
         claims.clear()
         store.insert("rk", {"i": 0})
-        await wait_until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3)
+        await until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3)
         # one lane claimed its row; none claimed in vain, not even that lane after its batch
         # (no wake-up came since, so no row can be waiting)
         assert [n for _, n in claims] == [1]
         claims.clear()
         store.insert_many("rk", [{"i": i} for i in range(25)])
-        await wait_until(lambda: len(pub.published) == 26 and len(relay._sleeping) == 3)
+        await until(lambda: len(pub.published) == 26 and len(relay._sleeping) == 3)
         assert sorted(n for _, n in claims if n) == [5, 10, 10]
         assert len({s for s, n in claims if n}) >= 2
 
@@ -246,10 +277,10 @@ async def test_rows_committed_during_every_lanes_claim_are_claimed_once_more_by_
     store, pub = InMemoryStore(), StubPublisher()
     settings = Settings.load({"concurrency": 3, "poll_interval": 30}, environ={})
     async with running(Relay(settings, store, pub)) as relay:
-        await wait_until(lambda: len(claims) == 3)  # every lane is inside an empty claim
+        await until(lambda: len(claims) == 3)  # every lane is inside an empty claim
         store.insert("rk", {"i": 0})
         hold.set()
-        await wait_until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3, 5)
+        await until(lambda: len(pub.published) == 1 and len(relay._sleeping) == 3, 5)
         # the three empty claims, and one made again, which got the row
         assert claims == [0, 0, 0, 1]
 
@@ -279,13 +310,13 @@ async def test_without_a_listener_a_lane_claims_again_after_each_batch(
     store, pub = InMemoryStore(), GatedPublisher()
     settings = Settings.load({"concurrency": 1, "poll_interval": 30}, environ={})
     async with running(Relay(settings, store, pub)) as relay:
-        await wait_until(lambda: relay._sleeping, 5)
+        await until(lambda: relay._sleeping, 5)
         store.insert("rk", {"i": 0})
         relay._wake()  # a wake-up from elsewhere (the flag's re-claim): the lane claims
         await asyncio.wait_for(pub.waiting.wait(), 5)
         store.insert("rk", {"i": 1})  # no listener: nobody hears of it
         pub.gate.set()
-        await wait_until(lambda: len(pub.published) == 2, 5)
+        await until(lambda: len(pub.published) == 2, 5)
 
 
 async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
@@ -311,10 +342,10 @@ async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
     async with running(relay):
         store.insert("rk", {"i": 0})
         await asyncio.wait_for(pub.waiting.wait(), 5)
-        await wait_until(lambda: not store.wakeups_wanted, 5)  # active: lowered
+        await until(lambda: not store.wakeups_wanted, 5)  # active: lowered
         pub.gate.set()
-        await wait_until(lambda: len(pub.published) == 2 and not store.rows, 5)
-        await wait_until(lambda: store.wakeups_wanted, 5)  # idle again: raised
+        await until(lambda: len(pub.published) == 2 and not store.rows, 5)
+        await until(lambda: store.wakeups_wanted, 5)  # idle again: raised
         assert late and store.wakeup_changes[:2] == [False, True]
     assert store.wakeups_wanted
 
@@ -338,14 +369,14 @@ async def test_an_active_relay_finds_rows_by_its_probe_without_a_notify(
     relay = Relay(settings, store, pub)
     async with running(relay):
         store.insert("rk", {"i": 0})
-        await wait_until(lambda: len(pub.published) == 1 and not store.wakeups_wanted, 5)
-        await wait_until(lambda: len(relay._sleeping) == 3, 5)
+        await until(lambda: len(pub.published) == 1 and not store.wakeups_wanted, 5)
+        await until(lambda: len(relay._sleeping) == 3, 5)
         for i in range(1, 4):
             claims.clear()
             probes = relay._flag.probes
             store.insert("rk", {"i": i})  # sends no wake-up: the flag is lowered
-            await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
-            await wait_until(lambda: len(relay._sleeping) == 3, 5)
+            await until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
+            await until(lambda: len(relay._sleeping) == 3, 5)
             assert relay._flag.probes > probes and claims == [1]
 
 
@@ -355,11 +386,11 @@ async def test_a_flag_another_relay_lowered_is_raised_at_the_next_poll() -> None
     store, pub = InMemoryStore(), StubPublisher()
     relay = Relay(SETTINGS, store, pub)
     async with running(relay):
-        await wait_until(lambda: relay._sleeping, 5)
+        await until(lambda: relay._sleeping, 5)
         store.wakeups_wanted = False
         store.insert("rk", {"i": 0})  # sends no wake-up; found by the poll
-        await wait_until(lambda: store.wakeups_wanted, 5)
-        await wait_until(lambda: len(pub.published) == 1, 5)
+        await until(lambda: store.wakeups_wanted, 5)
+        await until(lambda: len(pub.published) == 1, 5)
         assert store.wakeup_changes == [True]
 
 
@@ -374,7 +405,7 @@ async def test_without_the_flag_the_relay_warns_once_and_goes_on(
     async with running(relay):
         for i in range(3):
             store.insert("rk", {"i": i})
-            await wait_until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
+            await until(lambda: len(pub.published) == i + 1, 5)  # noqa: B023
         warnings = [r for r in caplog.records if "no outbox_wakeup table" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
         assert relay.health.database
@@ -394,7 +425,7 @@ async def test_failed_rows_are_logged_once_per_batch_and_kind(
     relay = Relay(SETTINGS, store, pub)
     with caplog.at_level("WARNING", logger="outbox.relay"):
         async with running(relay):
-            await wait_until(lambda: relay.counts.batches >= 1 and relay.counts.failed, 5)
+            await until(lambda: relay.counts.batches >= 1 and relay.counts.failed, 5)
     first = [r for r in caplog.records if r.getMessage() == "publish failed"][:2]
     fields = {f["kind"]: f for f in (getattr(r, "fields", {}) for r in first)}
     assert set(fields) == {"nack", "returned"}
@@ -415,8 +446,8 @@ async def test_a_batch_released_whole_is_said_once_until_one_gets_through(
     relay = Relay(SETTINGS, store, pub)
     async with running(relay):
         store.insert("rk", {"i": 0})
-        await wait_until(lambda: len(pub.published) >= 3, 5)  # released, claimed again, ...
+        await until(lambda: len(pub.published) >= 3, 5)  # released, claimed again, ...
         pub.rule = lambda row: Result.confirmed()
-        await wait_until(lambda: not store.rows, 5)
+        await until(lambda: not store.rows, 5)
     lines = [r for r in caplog.records if r.getMessage().startswith("batch released")]
     assert len(lines) == 1 and lines[0].levelname == "WARNING"

@@ -45,7 +45,7 @@ async def test_a_delayed_or_dead_head_blocks_its_key_only() -> None:
     await s.settle(retry)
     assert ids(await s.claim(10)) == [b2.id]  # a1 waits for its retry; a2 waits for a1
     dead = Settlement()
-    dead.dead(b2.id, "returned", counted=True)
+    dead.park(b2.id, "returned", counted=True)
     await s.settle(dead)
     clock[0] += 10
     assert ids(await s.claim(10)) == [a1.id]

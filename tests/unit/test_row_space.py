@@ -1,7 +1,7 @@
 """Property, against the fakes (no I/O): whatever a row holds, a drain ends with it sent or dead
 with a reason, within bounded attempts, and its good batch-mates sent.
 
-A row the fake publisher confirms is also framed by the real code (`AmqpPublisher.properties`
+A row the fake publisher confirms is also framed by the real code (`outbox.batch.properties`
 and `outbox.frames`), decoded again by pamqp and compared with what DESIGN.md documents: the fake
 may only confirm what the broker could carry, exactly as written.
 """
@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pamqp.frame
-from hypothesis import event, example, given
+from hypothesis import event, given
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from outbox import frames
-from outbox.publisher import AmqpPublisher
+from outbox.batch import properties
 from outbox.relay import Relay
 from outbox.rows import Row
 from outbox.settings import Settings
@@ -70,7 +70,7 @@ def store_with(batch: list[RowSpec]) -> InMemoryStore:
 def framed(row: Row) -> tuple[spec.Basic.Publish, ContentHeader, int, bytes]:
     """The row as the real publisher frames it, decoded again: (method, header, header frame
     size, body)."""
-    props = AmqpPublisher(SETTINGS).properties(row)
+    props = properties(row, SETTINGS.app_id)
     data = frames.marshal_message(1, row.body, row.exchange, row.routing_key, props,
                                   FRAME_MAX - 8)
     decoded: list[tuple[int, Any]] = []
@@ -96,28 +96,17 @@ def check_sent(row: WrittenRow) -> None:
     want = rowspace.expected(row.body, row.spec.content_type, row.spec.payload is not None,
                              row.header_text, row.message_type, row.correlation_id,
                              row.created.timestamp())
-    p = header.properties
     assert (method.exchange, method.routing_key) == (row.exchange, row.routing_key)
     assert body == want.body and header.body_size == len(want.body)
-    assert p.message_id == str(row.message_id)
-    assert p.content_type == want.content_type
-    assert p.delivery_mode == 2
-    assert p.app_id == SETTINGS.app_id
-    assert want.timestamp is not None, f"row {row.id}: confirmed with created_at {row.created}"
-    assert p.timestamp == want.timestamp
-    assert p.message_type == want.message_type
-    assert p.correlation_id == want.correlation_id
-    assert (p.headers or {}) == want.headers, f"row {row.id}: headers changed in framing"
+    assert header.properties.message_id == str(row.message_id)
+    rowspace.check_properties(header.properties, want, SETTINGS.app_id,
+                              f"row {row.id} (created_at {row.created})")
 
 
 async def drain(store: InMemoryStore, publisher: StubPublisher) -> None:
     relay = Relay(SETTINGS, store, publisher, drain=True, rng=random.Random(0))
-    try:
-        async with asyncio.timeout(DRAIN_DEADLINE):
-            await relay.run()
-    except TimeoutError:
-        raise AssertionError(f"the drain did not end within {DRAIN_DEADLINE:g}s: "
-                             f"{Counter(r.id for r in publisher.published)} publishes") from None
+    await rowspace.drain(relay, DRAIN_DEADLINE,
+                         lambda: f"{Counter(r.id for r in publisher.published)} publishes")
 
 
 def blocked(store: InMemoryStore, row: StoredRow) -> bool:
@@ -126,14 +115,8 @@ def blocked(store: InMemoryStore, row: StoredRow) -> bool:
         for o in store.rows.values())
 
 
-def with_edges(test: Any) -> Any:
-    for edge in rowspace.edge_rows("", whole_range=False):
-        test = example(batch=[RowSpec("rk.good"), edge])(test)
-    return test
-
-
 @rowspace.UNIT
-@with_edges
+@rowspace.with_edges("", whole_range=False)
 @given(batch=rowspace.batches(""))
 def test_every_row_ends_sent_or_dead_and_good_rows_are_sent(batch: list[RowSpec]) -> None:
     store = store_with(batch)
