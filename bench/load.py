@@ -24,11 +24,13 @@ from bench.common import (
 
 class Receiver:
     """Consumes the queue in a child process (bench/receiver.py) and notes when each message
-    number arrived there."""
+    number arrived there (``received``: its perf_counter; ``details``: the rest of its line, the
+    wall clock then the body's ``i`` and ``x`` when it has them)."""
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
         self.received: dict[int, float] = {}
+        self.details: dict[int, list[str]] = {}
         self.count = 0
         self._changed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
@@ -55,13 +57,16 @@ class Receiver:
 
     async def _read(self, stdout: asyncio.StreamReader) -> None:
         while line := await stdout.readline():
-            n, t = line.split()
+            n, t, *rest = line.decode().split()
             self.received[int(n)] = float(t)
+            if rest:
+                self.details[int(n)] = rest
             self.count += 1
             self._changed.set()
 
     def forget(self) -> None:
         self.received.clear()
+        self.details.clear()
         self.count = 0
 
     async def wait_for(self, n: int, timeout: float) -> bool:

@@ -7,7 +7,7 @@ import math
 import psycopg
 import pytest
 
-from bench import load, throughput, wakeup
+from bench import common, latency, load, throughput, wakeup
 from bench.postgres_node import PostgresNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,6 +44,37 @@ async def test_latency_phase_sees_every_offered_message() -> None:
     assert figures.received == figures.confirmed == figures.offered
     assert not math.isnan(figures.p99_ms) and figures.p50_ms <= figures.p99_ms
     assert not math.isnan(figures.receive_p99_ms)
+
+
+async def test_outside_latency_counts_every_row_pgbench_committed() -> None:
+    # The shared server keeps no commit timestamps: the figures then start at the insert.
+    figures = await latency.outside_latency(rate=200, seconds=1, clients=2)
+    assert figures.offered.transactions > 0 and figures.offered.rate > 0
+    assert figures.received == figures.confirmed == figures.offered.transactions
+    assert 0 < figures.confirm_p50_ms <= figures.confirm_p99_ms
+    assert 0 < figures.receive_p50_ms <= figures.receive_p99_ms
+
+
+async def test_outside_latency_starts_at_the_commit_when_the_server_keeps_its_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with PostgresNode(settings={"track_commit_timestamp": "on"}) as node:
+        monkeypatch.setattr(common, "DATABASE_URL", node.url)
+        figures = await latency.outside_latency(rate=200, seconds=1, clients=2)
+    assert figures.commit_timestamps
+    assert figures.confirmed == figures.offered.transactions > 0
+    assert 0 < figures.confirm_p50_ms <= figures.confirm_p99_ms
+
+
+def test_pgbench_summary_is_read_or_refused() -> None:
+    summary = ("number of transactions actually processed: 9946\n"
+               "latency average = 1.2 ms\n"
+               "rate limit schedule lag: avg 0.069 (max 4.578) ms\n"
+               "tps = 1001.260485 (without initial connection time)\n")
+    offered = latency.parse_pgbench(summary)
+    assert offered == latency.Offered(9946, 1001.260485, 0.069, 4.578, offered.transaction_ms)
+    assert abs(offered.transaction_ms - (1.2 - 0.069)) < 1e-9
+    with pytest.raises(RuntimeError, match="no"):
+        latency.parse_pgbench("pgbench: error: connection refused")
 
 
 async def test_producer_phase_measures_installed_no_wakeup_and_bare() -> None:
