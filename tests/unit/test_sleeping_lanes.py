@@ -48,8 +48,10 @@ async def test_a_lane_asleep_without_a_timer_is_woken_after_the_probe_stops(
     store.insert("rk", {"i": 0})
     async with running(Relay(settings, store, pub)) as relay:
         await wait_until(lambda: len(pub.published) == 1, 5)
-        # idle again: the flag is raised, its GRACE ends, and no LISTEN covers the lanes
-        await wait_until(lambda: store.wakeups_wanted and not relay._flag.probing, 5)
+        # active (the flag lowered: the probe covers the lanes), then idle again: the flag is
+        # raised, its GRACE ends, and no LISTEN covers the lanes
+        await wait_until(lambda: store.wakeup_changes == [False, True]
+                         and not relay._flag.probing, 5)
         await wait_until(lambda: len(relay._sleeping) == settings.concurrency, 5)
         store.insert("rk", {"i": 1})  # its NOTIFY reaches nobody
         # forty poll intervals: the safety poll comes every two
