@@ -56,6 +56,12 @@ TASK_ERRORS = Counter(
     "Unexpected errors in the relay's background tasks, by task (a task logs an error once "
     "and retries; one that ends anyway stops the relay with a non-zero exit)",
     ["task"], registry=REGISTRY)
+SECONDS_SINCE_CLAIM = Gauge(
+    "outbox_seconds_since_claim",
+    "Seconds since a lane of this relay last began a claim. A ready relay claims at least every "
+    "two poll intervals, even idle: a value that keeps growing while outbox_ready is 1 is a "
+    "stuck relay (the log says so too; SIGUSR1 logs where each task waits)",
+    registry=REGISTRY)
 READY = Gauge(
     "outbox_ready", "1 when the relay is ready (connected to both, not blocked)",
     registry=REGISTRY)

@@ -108,6 +108,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._wakeups: list[asyncio.Event] = []
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
+        self._timerless = 0  # how many of them sleep with no timer (covered by wake-ups)
         self._in_flight = 0  # lanes publishing or settling a batch
         # a wake-up came while no lane slept, and no claim has begun since
         self._unclaimed = False
@@ -116,10 +117,35 @@ class Relay:
         self.failure = ""  # why a background task ended: the relay stops and exits non-zero
         self._released_reason = ""  # why the last batch went back whole (logged once)
         self.confirms = ConfirmWatch()  # publishes timing out with no answer: not ready
+        self._claimed_at = time.monotonic()  # when a lane last began a claim
+        self._stall_said = False  # "no lane has claimed" was logged since that claim
+        metrics.SECONDS_SINCE_CLAIM.set_function(self.seconds_since_claim)
         self._ending = False  # run() is cancelling its helpers itself
         self._flag = Wakeups(store, self._wake,
                              lambda: len(self._sleeping) == settings.concurrency,
                              settings.poll_interval)
+
+    def seconds_since_claim(self) -> float:
+        return time.monotonic() - self._claimed_at
+
+    def _stalled_after(self) -> float:
+        """Longer than any lane of a working relay goes between two claims: a whole batch at
+        its deadlines (claim, publish, settle), then asleep until the safety poll; twice that."""
+        s = self.settings
+        return 2 * (s.publish_timeout + 2 * s.db_timeout + SAFETY_POLLS * s.poll_interval)
+
+    def _check_claiming(self, ready_rows: int) -> None:
+        """Say it, once, when rows are ready and this relay is ready too but no lane has begun
+        a claim for longer than a working relay ever waits: a stall must never be silent."""
+        idle = self.seconds_since_claim()
+        if self._stall_said or not ready_rows or not self.ready or idle < self._stalled_after():
+            return
+        self._stall_said = True
+        log.warning("rows are ready but no lane has claimed for %.0fs; SIGUSR1 logs where "
+                    "each task waits", idle, extra={"fields": {
+                        "ready_rows": ready_rows, "lanes": self.settings.concurrency,
+                        "asleep": len(self._sleeping), "asleep_without_timer": self._timerless,
+                        "in_flight": self._in_flight}})
 
     @property
     def ready(self) -> bool:
@@ -219,6 +245,8 @@ class Relay:
                         self._database_up(lane, True)
                     wake.clear()
                     self._unclaimed = False  # this claim sees every row committed until now
+                    self._claimed_at = time.monotonic()
+                    self._stall_said = False
                     rows = await session.claim(self.settings.batch_size)
                     if not rows:
                         await session.release()
@@ -405,12 +433,14 @@ class Relay:
         (then the safety poll is the only timer)."""
         timeout = None if self._covered() else self.settings.poll_interval
         self._sleeping.append(wake)
+        self._timerless += timeout is None
         self._flag.asleep()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
         finally:
             self._sleeping.remove(wake)
+            self._timerless -= timeout is None
 
     def _covered(self) -> bool:
         """New rows wake a sleeping lane: by a NOTIFY (LISTEN in place and the flag raised, as far
@@ -425,11 +455,14 @@ class Relay:
         return not self.drain and not self._unclaimed and self._covered()
 
     async def _safety_poll(self) -> None:
-        """While wake-ups cover the sleeping lanes, wake one every two poll intervals anyway: for
-        delayed rows whose time came, and the few commits no wake-up reports (outbox.wakeup)."""
+        """While a lane sleeps without a timer, wake one every two poll intervals anyway: for
+        delayed rows whose time came, and the few commits no wake-up reports (outbox.wakeup).
+        Whether a lane has a timer was decided when it fell asleep: the wake-ups that covered it
+        then may have stopped since (the probe ends after the flag's GRACE, LISTEN may not be
+        back yet), so what counts here is how it sleeps, not what covers it now."""
         while True:
             await asyncio.sleep(SAFETY_POLLS * self.settings.poll_interval)
-            if self._covered() and self._sleeping:
+            if self._timerless:
                 self._wake()
 
     async def _pause(self, seconds: float) -> None:
@@ -500,6 +533,7 @@ class Relay:
                 metrics.OLDEST_PENDING_AGE.set(st.oldest_pending_age_seconds)
                 metrics.HORIZON_AGE.set(st.horizon_age_seconds)
                 metrics.HELD_BACK_ROWS.set(st.held_back_rows)
+                self._check_claiming(st.ready)
             self._refresh_ready()
             await asyncio.sleep(interval)
 

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from outbox import tracing
+from outbox import stacks, tracing
 from outbox.exceptions import OutboxError
 from outbox.http import HealthServer
 from outbox.publisher import AmqpPublisher
@@ -56,6 +56,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    stacks.install(loop)
     try:
         # the broker's supervisor reconnects for as long as the relay runs: if it ends (an
         # unsupported aiormq, a bug), so does the process, loudly
@@ -68,6 +69,7 @@ async def run_relay(settings: Settings, *, drain: bool = False) -> Counts:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        stacks.uninstall(loop)
         await publisher.close()
         if http is not None:
             await http.close()

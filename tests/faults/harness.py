@@ -264,8 +264,40 @@ class Ledger:
         dead, pending = self._rows()
         return not pending and self.committed <= (self.delivered() | dead)
 
+    def _progress(self) -> tuple[int, int]:
+        """(rows in the table neither sent nor dead, distinct message ids delivered): one count
+        query, cheap enough to poll while a consumer reads tens of thousands of messages."""
+        assert self.settings is not None
+        rows = execute(self.settings, "SELECT count(*) FROM {}.outbox "
+                                      "WHERE sent_at IS NULL AND dead_at IS NULL")
+        return int(rows[0][0]), sum(len(c.seen) for c in self.collectors)
+
     async def wait_settled(self, timeout: float) -> None:
-        await until(self.settled, timeout, "every row delivered or dead", interval=0.2)
+        """Wait until every row is delivered or dead; fail once nothing moved for ``timeout``
+        seconds (no row left the pending ones, no new message id arrived).
+
+        Driven by progress, not by a budget for the whole drain: on a loaded machine the
+        consumer alone may need minutes for 20,000 messages while the relay drained the table
+        long before. The poll is one count query, run off the event loop, so it does not slow
+        the consumers it waits for; the full comparison of message ids runs only once nothing
+        is pending."""
+        loop = asyncio.get_running_loop()
+        seen: tuple[int, int] | None = None
+        moved_at = loop.time()
+        while True:
+            now = await asyncio.to_thread(self._progress)
+            if now[0] == 0:  # the table holds only dead rows now: a small query
+                dead, pending = await asyncio.to_thread(self._rows)
+                if not pending and self.committed <= (self.delivered() | dead):
+                    return
+            if now != seen:
+                seen, moved_at = now, loop.time()
+            elif loop.time() - moved_at > timeout:
+                raise AssertionError(
+                    f"nothing moved for {timeout:g}s waiting for every row delivered or dead: "
+                    f"{now[0]} rows pending in the table, {now[1]} distinct message ids "
+                    f"delivered, {len(self.committed)} committed")
+            await asyncio.sleep(0.2)
 
     async def quiet(self, seconds: float = 0.5) -> None:
         """Wait until no message arrived for ``seconds`` (late duplicates are counted too)."""
