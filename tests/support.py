@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@contextlib.asynccontextmanager
+async def running(relay: Any) -> AsyncIterator[Any]:
+    """Run an in-process relay for the block, then stop it and wait for it to end."""
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``path`` from a relay's HTTP port: (status, body); (0, b"") while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read()
+    except OSError:
+        return 0, b""
 
 
 async def until(cond: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0,

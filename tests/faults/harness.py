@@ -19,8 +19,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,13 +102,8 @@ class RelayProcess:
 
 def readyz(port: int) -> tuple[int, dict[str, Any]]:
     """GET /readyz of a relay: (status, body); (0, {}) while nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return int(r.status), orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return int(e.code), orjson.loads(e.read())
-    except OSError:
-        return 0, {}
+    status, body = support.http_get(port, "/readyz", timeout=2)
+    return status, orjson.loads(body) if status else {}
 
 
 def rabbitmqctl(node: RabbitNode, *args: str, timeout: float = 60) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.error
-import urllib.request
 
 import orjson
 
@@ -14,18 +12,8 @@ from tests import support
 from tests.proxy import FaultProxy
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-    except OSError:
-        return 0, b""
-
-
 def metric(port: int, name: str) -> float:
-    _, body = get(port, "/metrics")
+    _, body = support.http_get(port, "/metrics")
     m = re.search(rf"^{name} ([0-9.e+-]+)$", body.decode(), re.M)
     return float(m.group(1)) if m else float("nan")
 
@@ -40,8 +28,8 @@ def test_metrics_move_and_readiness_follows_the_broker(settings: Settings) -> No
             settings, OUTBOX_AMQP_URL=broker.url(support.AMQP_URL), OUTBOX_HTTP_PORT=str(port),
             OUTBOX_STATS_INTERVAL="0.5")
         try:
-            support.eventually(lambda: get(port, "/healthz")[0] == 200, 30)
-            status, body = get(port, "/readyz")
+            support.eventually(lambda: support.http_get(port, "/healthz")[0] == 200, 30)
+            status, body = support.http_get(port, "/readyz")
             assert status == 503 and orjson.loads(body)["broker"] is False
             support.insert_rows(settings, 500, queue)
             support.eventually(lambda: metric(port, "outbox_pending") == 500, 10)
@@ -49,7 +37,7 @@ def test_metrics_move_and_readiness_follows_the_broker(settings: Settings) -> No
             assert metric(port, "outbox_published_total") == 0
 
             broker.refuse(False)  # the broker comes back: the backlog drains by itself
-            support.eventually(lambda: get(port, "/readyz")[0] == 200, 30)
+            support.eventually(lambda: support.http_get(port, "/readyz")[0] == 200, 30)
             support.eventually(lambda: metric(port, "outbox_published_total") == 500, 30)
             support.eventually(lambda: metric(port, "outbox_pending") == 0, 10)
             assert metric(port, 'outbox_connected{target="broker"}') == 1
@@ -57,11 +45,11 @@ def test_metrics_move_and_readiness_follows_the_broker(settings: Settings) -> No
             assert metric(port, "outbox_commit_to_confirm_seconds_count") == 500
 
             broker.refuse()  # cut: not ready, then ready again after
-            support.eventually(lambda: get(port, "/readyz")[0] == 503, 30)
+            support.eventually(lambda: support.http_get(port, "/readyz")[0] == 503, 30)
             support.eventually(lambda: metric(port, 'outbox_connected{target="broker"}') == 0, 10)
             broker.refuse(False)
-            support.eventually(lambda: get(port, "/readyz")[0] == 200, 30)
-            assert get(port, "/nope")[0] == 404
+            support.eventually(lambda: support.http_get(port, "/readyz")[0] == 200, 30)
+            assert support.http_get(port, "/nope")[0] == 404
         finally:
             code = support.stop_process(relay)
             asyncio.run(support.delete_queues([queue]))

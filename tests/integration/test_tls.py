@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime
 import logging
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -116,14 +114,6 @@ def run_doctor(settings: Settings) -> tuple[int, list[str]]:
     return out.returncode, out.stdout.splitlines()
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-    except OSError:
-        return 0, b""
 
 
 async def relay_refusal(settings: Settings, component: str) -> str:
@@ -135,9 +125,9 @@ async def relay_refusal(settings: Settings, component: str) -> str:
     try:
         line = await relay.wait_log(f'"{component} unavailable"', 60)
         error = str(orjson.loads(line)["error"])
-        await support.until(lambda: http_get(port, "/readyz")[0] == 503, 30,
+        await support.until(lambda: support.http_get(port, "/readyz")[0] == 503, 30,
                             "/readyz answering 503")
-        status, body = http_get(port, "/readyz")
+        status, body = support.http_get(port, "/readyz")
         ready = orjson.loads(body)
         assert status == 503 and ready["problems"][component] == error, ready
         assert relay.alive, relay.log_tail()

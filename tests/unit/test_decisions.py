@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -17,7 +16,7 @@ from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
 from outbox.testing import InMemorySession, InMemoryStore, StoredRow, StubPublisher
-from tests.support import until
+from tests.support import running, until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
                           "poll_interval": 0.05}, environ={})
@@ -25,17 +24,6 @@ SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "b
 
 def rows(store: InMemoryStore, n: int, **kw: object) -> list[Row]:
     return [store.insert("rk", {"i": i}, **kw).as_row() for i in range(n)]
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[Relay]:
-    """Run the relay for the block, then stop it and wait for it to end."""
-    task = asyncio.create_task(relay.run())
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 def test_backoff_doubles_is_capped_and_jittered() -> None:

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,17 +14,7 @@ from outbox.relay import Relay
 from outbox.rows import Row
 from outbox.settings import Settings
 from outbox.testing import InMemorySession, InMemoryStore, StubPublisher
-from tests.support import wait_until
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[Relay]:
-    task = asyncio.create_task(relay.run())
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
+from tests.support import running, until
 
 
 async def listener_never_in_place(self: InMemoryStore, wake: object) -> None:
@@ -47,15 +35,15 @@ async def test_a_lane_asleep_without_a_timer_is_woken_after_the_probe_stops(
     settings = Settings.load({"concurrency": 2, "poll_interval": 0.05}, environ={})
     store.insert("rk", {"i": 0})
     async with running(Relay(settings, store, pub)) as relay:
-        await wait_until(lambda: len(pub.published) == 1, 5)
+        await until(lambda: len(pub.published) == 1, 5)
         # active (the flag lowered: the probe covers the lanes), then idle again: the flag is
         # raised, its GRACE ends, and no LISTEN covers the lanes
-        await wait_until(lambda: store.wakeup_changes == [False, True]
+        await until(lambda: store.wakeup_changes == [False, True]
                          and not relay._flag.probing, 5)
-        await wait_until(lambda: len(relay._sleeping) == settings.concurrency, 5)
+        await until(lambda: len(relay._sleeping) == settings.concurrency, 5)
         store.insert("rk", {"i": 1})  # its NOTIFY reaches nobody
         # forty poll intervals: the safety poll comes every two
-        await wait_until(lambda: len(pub.published) == 2, 40 * settings.poll_interval)
+        await until(lambda: len(pub.published) == 2, 40 * settings.poll_interval)
 
 
 async def test_a_relay_that_stopped_claiming_while_rows_are_ready_says_so(
@@ -96,17 +84,17 @@ async def test_a_relay_that_stopped_claiming_while_rows_are_ready_says_so(
         return float(metrics.REGISTRY.get_sample_value("outbox_seconds_since_claim") or 0)
 
     async with running(relay):
-        await wait_until(lambda: relay._sleeping and relay.ready, 5)
+        await until(lambda: relay._sleeping and relay.ready, 5)
         assert not said() and gauge() < 0.5
         hang.set()
         store.insert("rk", {"i": 0})  # wakes the lane, whose claim hangs
-        await wait_until(said, 5)
+        await until(said, 5)
         assert gauge() >= 0.5
         seen = refreshes
-        await wait_until(lambda: refreshes >= seen + 2, 5)  # checked twice more: still one line
+        await until(lambda: refreshes >= seen + 2, 5)  # checked twice more: still one line
         hang.clear()
         go_on.set()
-        await wait_until(lambda: len(pub.published) == 1, 5)
-        await wait_until(lambda: gauge() < 0.5, 5)
+        await until(lambda: len(pub.published) == 1, 5)
+        await until(lambda: gauge() < 0.5, 5)
     assert len(said()) == 1
     assert said()[0].__dict__["fields"]["ready_rows"] == 1
