@@ -91,9 +91,11 @@ async def producer_commits(seconds: float = 4.0, workers: int = 8,
     return ProducerFigures(**{name: median(r) for name, r in rates.items()})
 
 
-async def _wait_connected(relays: int, schema: Schema, timeout: float = 30.0) -> None:
-    """Until ``relays`` relays have every connection open (lanes, listener, wake-up task)."""
-    lanes = schema.settings.concurrency
+async def _wait_connected(relays: int, schema: Schema, timeout: float = 30.0,
+                          lanes: int = 0) -> None:
+    """Until ``relays`` relays of ``lanes`` lanes each (0: the schema's setting) have every
+    connection open (lanes, listener, wake-up task)."""
+    lanes = lanes or schema.settings.concurrency
     async with await aconnect() as conn:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -174,14 +176,18 @@ async def first_after_idle(quiet: float, rounds: int = 3) -> float:
     return median(delays) if delays else float("nan")
 
 
-async def busy_rate(relays: int, rows: int) -> float:
+async def busy_rate(relays: int, rows: int, url: str | None = None,
+                    arguments: dict[str, Any] | None = None, **env: str) -> float:
     """Messages per second of ``relays`` relays, already connected, draining ``rows`` rows
-    committed in one statement: from the commit until the table is empty."""
-    async with Queue() as queue:
-        with Schema() as schema:
-            procs = [RelayProcess(schema) for _ in range(relays)]
+    committed in one statement: from the commit until the table is empty. ``url`` (a node
+    list, as OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type;
+    ``env``: the relays' other settings (OUTBOX_BATCH_SIZE…)."""
+    async with Queue(url, arguments) as queue:
+        with Schema(**({"amqp_url": url} if url else {})) as schema:
+            procs = [RelayProcess(schema, **env) for _ in range(relays)]
             try:
-                await _wait_connected(relays, schema)
+                await _wait_connected(relays, schema,
+                                      lanes=int(env.get("OUTBOX_CONCURRENCY", 0)))
                 async with await aconnect() as conn:
                     await conn.execute(sql.SQL(
                         "INSERT INTO {} (routing_key, payload) "
@@ -196,6 +202,9 @@ async def busy_rate(relays: int, rows: int) -> float:
                         if rec is not None and rec[0] == 0:
                             break
                         await asyncio.sleep(0.02)
+                    else:
+                        progress(f"  {relays} relays left rows after 300 s: the rate is of a "
+                                 "drain that did not finish")
                     return rows / (time.perf_counter() - start)
             finally:
                 for p in procs:

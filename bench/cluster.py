@@ -1,0 +1,174 @@
+"""`python -m bench.cluster` (`make bench-cluster`): how many relays to run, and the relay on a
+RabbitMQ cluster with quorum queues (issue 16).
+
+* ``relays_N_msgs_per_s``: N = 1, 2, 4, 8 relay processes, already connected, on one table
+  draining a backlog (`bench.wakeup.busy_rate`) on the single broker, against that broker's
+  ceiling in the same rounds (`bench.throughput.relay_like_ceiling`: as many channels as a relay
+  has lanes, one batch each in flight).
+* On a private 3-node cluster (`tests.rabbit_cluster`), a quorum queue declared through the
+  first node, the node the relay connects to first: the broker's ceiling (the same publisher,
+  connected the same way), one relay draining as many rows, and their quotient; the same on a
+  classic queue; then the relay and the ceiling with wider windows (more rows per batch, more
+  lanes), the settings a quorum queue may want.
+
+Progress goes to stderr; stdout ends with one ``name: value`` line per figure, medians of the
+rounds, every ratio taken within this run. Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Any
+
+from bench import common, throughput, wakeup
+from bench.__main__ import Figures, spread
+from bench.common import median, progress
+from bench.postgres_node import PostgresNode
+from outbox.amqp import with_defaults
+from outbox.settings import Settings
+
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+CLASSIC: dict[str, Any] | None = None
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds per figure")
+    p.add_argument("--rows", type=int, default=30_000,
+                   help="backlog of each drain and ceiling on the single broker")
+    p.add_argument("--relays", default="1,2,4,8", help="relay processes of the curve")
+    p.add_argument("--cluster-rows", type=int, default=20_000,
+                   help="backlog of each drain and ceiling on the cluster")
+    p.add_argument("--windows", default="2000x3,1000x6",
+                   help="wider windows tried on the quorum queue, BATCHxLANES, comma-separated "
+                   "(empty: none)")
+    p.add_argument("--database-url", default=os.environ.get("OUTBOX_BENCH_DATABASE_URL"),
+                   help="benchmark against this PostgreSQL (env OUTBOX_BENCH_DATABASE_URL) "
+                   "instead of a private cluster with the stock configuration started for the "
+                   "run (bench/postgres_node.py)")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: "
+                   "curve,cluster,classic,windows")
+    return p.parse_args(argv)
+
+
+def relay_curve(out: Figures, rounds: int, rows: int, counts: list[int]) -> None:
+    """``relays_N_*`` on the single broker: per round the ceiling, then each N in turn."""
+    defaults = Settings()
+    ceiling: list[float] = []
+    rates: dict[int, list[float]] = {n: [] for n in counts}
+    for r in range(rounds):
+        progress(f"phase: relay curve, round {r + 1} of {rounds} ({rows} rows per drain)")
+        ceiling.append(throughput.relay_like_ceiling(rows))
+        progress(f"  ceiling, {defaults.concurrency} channels x {defaults.batch_size} in flight:"
+                 f" {ceiling[-1]:.0f} msg/s")
+        # the order turns each round, so that a drift of the machine's load favours no N
+        for n in counts if r % 2 == 0 else counts[::-1]:
+            rates[n].append(asyncio.run(wakeup.busy_rate(n, rows)))
+            progress(f"  {n} relays: {rates[n][-1]:.0f} msg/s")
+    out["ceiling_msgs_per_s"] = median(ceiling)
+    out["ceiling_rounds"] = spread(ceiling)
+    for n in counts:
+        out[f"relays_{n}_msgs_per_s"] = median(rates[n])
+        out[f"relays_{n}_vs_ceiling"] = median(rates[n]) / median(ceiling)
+        out[f"relays_{n}_rounds"] = spread(rates[n])
+    if 1 in counts:
+        for n in counts:
+            if n != 1:
+                out[f"relays_{n}_vs_1"] = median(rates[n]) / median(rates[1])
+
+
+def windows(text: str) -> list[tuple[int, int]]:
+    """"2000x3,1000x6" -> [(2000, 3), (1000, 6)] (batch size, lanes)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        batch, _, lanes = item.partition("x")
+        out.append((int(batch), int(lanes)))
+    return out
+
+
+def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
+    """The cluster figures: ceiling and relay in turn each round, per queue type and window."""
+    # imported here: the curve alone needs no RabbitMQ binaries or test harness
+    from tests.rabbit_cluster import RabbitCluster
+
+    defaults = Settings()
+    n = args.cluster_rows
+    kinds = [("cluster", QUORUM)] + ([("cluster_classic", CLASSIC)]
+                                     if "classic" not in skip else [])
+    wide = windows(args.windows) if "windows" not in skip else []
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+        progress("starting a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py)")
+        with RabbitCluster(tmp) as cluster:
+            # the relay connects to the first node of its list; the ceiling's publisher connects
+            # to that node with the same URL parameters (heartbeat, connect timeout)
+            first = with_defaults(cluster.urls[0], defaults.heartbeat, defaults.db_timeout)
+            progress(f"cluster up: {cluster.url}; {args.rounds} rounds of {n} messages")
+            ceiling: dict[str, list[float]] = {name: [] for name, _ in kinds}
+            relay: dict[str, list[float]] = {name: [] for name, _ in kinds}
+            wide_ceiling: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
+            wide_relay: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
+            for r in range(args.rounds):
+                progress(f"phase: cluster, round {r + 1} of {args.rounds}")
+                for name, arguments in kinds:
+                    kind = "quorum" if arguments else "classic"
+                    c = throughput.ceiling(n, defaults.batch_size, defaults.concurrency, first,
+                                           arguments)
+                    rr = asyncio.run(wakeup.busy_rate(1, n, cluster.url, arguments))
+                    ceiling[name].append(c)
+                    relay[name].append(rr)
+                    progress(f"  {kind} queue: ceiling {c:.0f} msg/s, relay {rr:.0f} msg/s "
+                             f"({rr / c:.3f})")
+                for batch, lanes in wide:
+                    c = throughput.ceiling(n, batch, lanes, first, QUORUM)
+                    rr = asyncio.run(wakeup.busy_rate(
+                        1, n, cluster.url, QUORUM, OUTBOX_BATCH_SIZE=str(batch),
+                        OUTBOX_CONCURRENCY=str(lanes)))
+                    wide_ceiling[(batch, lanes)].append(c)
+                    wide_relay[(batch, lanes)].append(rr)
+                    progress(f"  quorum queue, {lanes} lanes x {batch}: ceiling {c:.0f} msg/s, "
+                             f"relay {rr:.0f} msg/s ({rr / c:.3f})")
+    for name, _ in kinds:
+        out[f"{name}_ceiling_msgs_per_s"] = median(ceiling[name])
+        out[f"{name}_relay_msgs_per_s"] = median(relay[name])
+        out[f"{name}_relay_vs_ceiling"] = median(relay[name]) / median(ceiling[name])
+        out[f"{name}_relay_vs_ceiling_rounds"] = spread(
+            [a / b for a, b in zip(relay[name], ceiling[name], strict=True)])
+        out[f"{name}_ceiling_rounds"] = spread(ceiling[name])
+        out[f"{name}_relay_rounds"] = spread(relay[name])
+    base = median(ceiling["cluster"])
+    for batch, lanes in wide:
+        tag = f"cluster_{lanes}x{batch}"
+        out[f"{tag}_ceiling_msgs_per_s"] = median(wide_ceiling[(batch, lanes)])
+        out[f"{tag}_relay_msgs_per_s"] = median(wide_relay[(batch, lanes)])
+        out[f"{tag}_relay_vs_own_ceiling"] = (median(wide_relay[(batch, lanes)])
+                                              / median(wide_ceiling[(batch, lanes)]))
+        out[f"{tag}_relay_vs_ceiling"] = median(wide_relay[(batch, lanes)]) / base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    out = Figures()
+    with contextlib.ExitStack() as stack:
+        if args.database_url:
+            common.DATABASE_URL = args.database_url
+        else:
+            progress("starting a private PostgreSQL with the stock configuration")
+            common.DATABASE_URL = stack.enter_context(PostgresNode()).url
+        if "curve" not in skip:
+            relay_curve(out, args.rounds, args.rows,
+                        [int(x) for x in args.relays.split(",") if x])
+        if "cluster" not in skip:
+            on_cluster(out, args, skip)
+    out.print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
