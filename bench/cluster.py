@@ -45,6 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relays", default="1,2,4,8", help="relay processes of the curve")
     p.add_argument("--cluster-rows", type=int, default=20_000,
                    help="backlog of each drain and ceiling on the cluster")
+    p.add_argument("--confirms", type=int, default=500,
+                   help="messages of the one-at-a-time confirm latency on the cluster")
     p.add_argument("--windows", default="2000x3,1000x6",
                    help="wider windows tried on the quorum queue, BATCHxLANES, comma-separated "
                    "(empty: none)")
@@ -77,6 +79,8 @@ def relay_curve(out: Figures, rounds: int, rows: int, counts: list[int]) -> None
         out[f"relays_{n}_msgs_per_s"] = median(rates[n])
         out[f"relays_{n}_vs_ceiling"] = median(rates[n]) / median(ceiling)
         out[f"relays_{n}_rounds"] = spread(rates[n])
+        out[f"relays_{n}_vs_ceiling_rounds"] = spread(
+            [a / b for a, b in zip(rates[n], ceiling, strict=True)])
     if 1 in counts:
         for n in counts:
             if n != 1:
@@ -113,10 +117,16 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
             relay: dict[str, list[float]] = {name: [] for name, _ in kinds}
             wide_ceiling: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
             wide_relay: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
+            confirm: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in kinds}
             for r in range(args.rounds):
                 progress(f"phase: cluster, round {r + 1} of {args.rounds}")
                 for name, arguments in kinds:
                     kind = "quorum" if arguments else "classic"
+                    # what one confirm costs (one message at a time): what a batch waits for
+                    confirm[name].append(asyncio.run(throughput.confirm_latency(
+                        args.confirms, first, arguments)))
+                    progress(f"  {kind} queue: publish-to-confirm of one message p50 "
+                             f"{confirm[name][-1][0]:.2f} ms, p99 {confirm[name][-1][1]:.2f} ms")
                     c = throughput.ceiling(n, defaults.batch_size, defaults.concurrency, first,
                                            arguments)
                     rr = asyncio.run(wakeup.busy_rate(1, n, cluster.url, arguments))
@@ -141,6 +151,8 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
             [a / b for a, b in zip(relay[name], ceiling[name], strict=True)])
         out[f"{name}_ceiling_rounds"] = spread(ceiling[name])
         out[f"{name}_relay_rounds"] = spread(relay[name])
+        out[f"{name}_confirm_p50_ms"] = median([p50 for p50, _ in confirm[name]])
+        out[f"{name}_confirm_p99_ms"] = median([p99 for _, p99 in confirm[name]])
     base = median(ceiling["cluster"])
     for batch, lanes in wide:
         tag = f"cluster_{lanes}x{batch}"

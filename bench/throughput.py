@@ -86,16 +86,18 @@ def relay_like_ceiling(n: int) -> float:
     return ceiling(n, defaults.batch_size, defaults.concurrency)
 
 
-async def confirm_latency(n: int) -> tuple[float, float]:
+async def confirm_latency(n: int, url: str | None = None,
+                          arguments: dict[str, Any] | None = None) -> tuple[float, float]:
     """The broker's part of the latency: one message at a time through the relay's publish path
     (`publish_pipelined`), each confirm awaited before the next, with a consumer attached as in
-    the latency phase. Returns p50 and p99 of publish-to-confirm, in ms."""
+    the latency phase. Returns p50 and p99 of publish-to-confirm, in ms. ``url`` and
+    ``arguments``: another broker and queue type (`Queue`)."""
     async def drop(message: aiormq.abc.DeliveredMessage) -> None:
         pass
 
     times: list[float] = []
-    async with Queue() as queue:
-        conn = await aiormq.connect(AMQP_URL)
+    async with Queue(url, arguments) as queue:
+        conn = await aiormq.connect(queue.url)
         try:
             consumer = await conn.channel()
             await consumer.basic_consume(queue.name, drop, no_ack=True)

@@ -209,3 +209,9 @@ async def busy_rate(relays: int, rows: int, url: str | None = None,
             finally:
                 for p in procs:
                     p.stop()
+                # a drain slowed by publish failures (timeouts on a loaded machine) says so
+                warned = [line for p in procs for line in p.log.splitlines()
+                          if '"level":"warning"' in line or '"level":"error"' in line]
+                if warned:
+                    progress(f"  {relays} relays logged {len(warned)} warnings, the first: "
+                             f"{warned[0][:300]}")
