@@ -43,6 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=30_000,
                    help="backlog of each drain and ceiling on the single broker")
     p.add_argument("--relays", default="1,2,4,8", help="relay processes of the curve")
+    p.add_argument("--many-batch", type=int, default=250,
+                   help="OUTBOX_BATCH_SIZE of a second drain by the most relays (0: none)")
     p.add_argument("--cluster-rows", type=int, default=20_000,
                    help="backlog of each drain and ceiling on the cluster")
     p.add_argument("--confirms", type=int, default=500,
@@ -59,32 +61,46 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def relay_curve(out: Figures, rounds: int, rows: int, counts: list[int]) -> None:
-    """``relays_N_*`` on the single broker: per round the ceiling, then each N in turn."""
+def relay_curve(out: Figures, rounds: int, rows: int, counts: list[int],
+                many_batch: int = 0) -> None:
+    """``relays_N_*`` on the single broker: per round the ceiling, then each N in turn; with
+    ``many_batch``, the most relays again with that OUTBOX_BATCH_SIZE (fewer rows in flight)."""
     defaults = Settings()
     ceiling: list[float] = []
-    rates: dict[int, list[float]] = {n: [] for n in counts}
+    most = max(counts)
+    runs: list[tuple[str, int, dict[str, str]]] = [(f"relays_{n}", n, {}) for n in counts]
+    if many_batch:
+        runs.append((f"relays_{most}_batch_{many_batch}", most,
+                     {"OUTBOX_BATCH_SIZE": str(many_batch)}))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    drains: dict[str, list[wakeup.BusyDrain]] = {name: [] for name, _, _ in runs}
     for r in range(rounds):
         progress(f"phase: relay curve, round {r + 1} of {rounds} ({rows} rows per drain)")
         ceiling.append(throughput.relay_like_ceiling(rows))
         progress(f"  ceiling, {defaults.concurrency} channels x {defaults.batch_size} in flight:"
                  f" {ceiling[-1]:.0f} msg/s")
-        # the order turns each round, so that a drift of the machine's load favours no N
-        for n in counts if r % 2 == 0 else counts[::-1]:
-            rates[n].append(asyncio.run(wakeup.busy_rate(n, rows)))
-            progress(f"  {n} relays: {rates[n][-1]:.0f} msg/s")
+        # the order turns each round, so that a drift of the machine's load favours none
+        for name, n, env in runs if r % 2 == 0 else runs[::-1]:
+            drains[name].append(asyncio.run(wakeup.busy_drain(n, rows, **env)))
+            rates[name].append(drains[name][-1].rate)
+            progress(f"  {n} relays{f' of batch {many_batch}' if env else ''}: "
+                     f"{rates[name][-1]:.0f} msg/s")
     out["ceiling_msgs_per_s"] = median(ceiling)
     out["ceiling_rounds"] = spread(ceiling)
-    for n in counts:
-        out[f"relays_{n}_msgs_per_s"] = median(rates[n])
-        out[f"relays_{n}_vs_ceiling"] = median(rates[n]) / median(ceiling)
-        out[f"relays_{n}_rounds"] = spread(rates[n])
-        out[f"relays_{n}_vs_ceiling_rounds"] = spread(
-            [a / b for a, b in zip(rates[n], ceiling, strict=True)])
-    if 1 in counts:
-        for n in counts:
+    for name, _, _ in runs:
+        out[f"{name}_msgs_per_s"] = median(rates[name])
+        out[f"{name}_vs_ceiling"] = median(rates[name]) / median(ceiling)
+        out[f"{name}_rounds"] = spread(rates[name])
+        out[f"{name}_vs_ceiling_rounds"] = spread(
+            [a / b for a, b in zip(rates[name], ceiling, strict=True)])
+        # in all rounds: publishes whose confirms outlasted OUTBOX_PUBLISH_TIMEOUT, and the
+        # extra copies they left in the queue
+        out[f"{name}_confirm_timeouts"] = sum(d.timeouts for d in drains[name])
+        out[f"{name}_duplicates"] = sum(d.delivered - rows for d in drains[name])
+    if "relays_1" in rates:
+        for name, n, _ in runs:
             if n != 1:
-                out[f"relays_{n}_vs_1"] = median(rates[n]) / median(rates[1])
+                out[f"{name}_vs_1"] = median(rates[name]) / median(rates["relays_1"])
 
 
 def windows(text: str) -> list[tuple[int, int]]:
@@ -118,6 +134,7 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
             wide_ceiling: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
             wide_relay: dict[tuple[int, int], list[float]] = {w: [] for w in wide}
             confirm: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in kinds}
+            duplicates = {name: 0 for name, _ in kinds}
             for r in range(args.rounds):
                 progress(f"phase: cluster, round {r + 1} of {args.rounds}")
                 for name, arguments in kinds:
@@ -129,9 +146,11 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
                              f"{confirm[name][-1][0]:.2f} ms, p99 {confirm[name][-1][1]:.2f} ms")
                     c = throughput.ceiling(n, defaults.batch_size, defaults.concurrency, first,
                                            arguments)
-                    rr = asyncio.run(wakeup.busy_rate(1, n, cluster.url, arguments))
+                    d = asyncio.run(wakeup.busy_drain(1, n, cluster.url, arguments))
+                    rr = d.rate
                     ceiling[name].append(c)
                     relay[name].append(rr)
+                    duplicates[name] += d.delivered - n
                     progress(f"  {kind} queue: ceiling {c:.0f} msg/s, relay {rr:.0f} msg/s "
                              f"({rr / c:.3f})")
                 for batch, lanes in wide:
@@ -151,6 +170,7 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
             [a / b for a, b in zip(relay[name], ceiling[name], strict=True)])
         out[f"{name}_ceiling_rounds"] = spread(ceiling[name])
         out[f"{name}_relay_rounds"] = spread(relay[name])
+        out[f"{name}_relay_duplicates"] = duplicates[name]
         out[f"{name}_confirm_p50_ms"] = median([p50 for p50, _ in confirm[name]])
         out[f"{name}_confirm_p99_ms"] = median([p99 for _, p99 in confirm[name]])
     base = median(ceiling["cluster"])
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             common.DATABASE_URL = stack.enter_context(PostgresNode()).url
         if "curve" not in skip:
             relay_curve(out, args.rounds, args.rows,
-                        [int(x) for x in args.relays.split(",") if x])
+                        [int(x) for x in args.relays.split(",") if x], args.many_batch)
         if "cluster" not in skip:
             on_cluster(out, args, skip)
     out.print()

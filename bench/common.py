@@ -151,6 +151,16 @@ class Queue:
             await conn.close()
         return self
 
+    async def depth(self) -> int:
+        """Messages in the queue now."""
+        conn = await aiormq.connect(self.url)
+        try:
+            ch = await conn.channel()
+            ok = await ch.queue_declare(self.name, passive=True)
+            return int(ok.message_count or 0)
+        finally:
+            await conn.close()
+
     async def __aexit__(self, *exc: object) -> None:
         await delete_queues(self.url, [self.name])
 

@@ -176,12 +176,29 @@ async def first_after_idle(quiet: float, rounds: int = 3) -> float:
     return median(delays) if delays else float("nan")
 
 
+@dataclass
+class BusyDrain:
+    """One drain of `busy_drain`: its rate, the messages the queue then held (more than the rows:
+    duplicates) and the relays' warning lines (publish timeouts, nacks)."""
+
+    rate: float
+    delivered: int
+    warnings: int
+    timeouts: int  # of the warnings: "no confirms within the deadline"
+
+
 async def busy_rate(relays: int, rows: int, url: str | None = None,
                     arguments: dict[str, Any] | None = None, **env: str) -> float:
-    """Messages per second of ``relays`` relays, already connected, draining ``rows`` rows
-    committed in one statement: from the commit until the table is empty. ``url`` (a node
-    list, as OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type;
-    ``env``: the relays' other settings (OUTBOX_BATCH_SIZE…)."""
+    """Messages per second of `busy_drain`."""
+    return (await busy_drain(relays, rows, url, arguments, **env)).rate
+
+
+async def busy_drain(relays: int, rows: int, url: str | None = None,
+                     arguments: dict[str, Any] | None = None, **env: str) -> BusyDrain:
+    """``relays`` relays, already connected, draining ``rows`` rows committed in one statement:
+    the rate from the commit until the table is empty. ``url`` (a node list, as
+    OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type; ``env``: the
+    relays' other settings (OUTBOX_BATCH_SIZE…)."""
     async with Queue(url, arguments) as queue:
         with Schema(**({"amqp_url": url} if url else {})) as schema:
             procs = [RelayProcess(schema, **env) for _ in range(relays)]
@@ -205,13 +222,16 @@ async def busy_rate(relays: int, rows: int, url: str | None = None,
                     else:
                         progress(f"  {relays} relays left rows after 300 s: the rate is of a "
                                  "drain that did not finish")
-                    return rows / (time.perf_counter() - start)
+                    rate = rows / (time.perf_counter() - start)
             finally:
                 for p in procs:
                     p.stop()
-                # a drain slowed by publish failures (timeouts on a loaded machine) says so
-                warned = [line for p in procs for line in p.log.splitlines()
-                          if '"level":"warning"' in line or '"level":"error"' in line]
-                if warned:
-                    progress(f"  {relays} relays logged {len(warned)} warnings, the first: "
-                             f"{warned[0][:300]}")
+            delivered = await queue.depth()
+            warned = [line for p in procs for line in p.log.splitlines()
+                      if '"level":"warning"' in line or '"level":"error"' in line]
+            timeouts = sum("no confirms within the deadline" in line for line in warned)
+            if warned or delivered != rows:
+                progress(f"  {relays} relays: {delivered} messages queued for {rows} rows, "
+                         f"{len(warned)} warnings ({timeouts} confirm timeouts)"
+                         + (f", the first: {warned[0][:300]}" if warned else ""))
+            return BusyDrain(rate, delivered, len(warned), timeouts)
