@@ -23,11 +23,12 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from typing import Any
 
 from bench import common, throughput, wakeup
 from bench.__main__ import Figures, spread
-from bench.common import median, progress
+from bench.common import median, progress, tree_cpu
 from bench.postgres_node import PostgresNode
 from outbox.amqp import with_defaults
 from outbox.settings import Settings
@@ -112,9 +113,12 @@ def windows(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
+def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str],
+               postgres: list[int]) -> None:
     """The cluster figures: per round and case (queue type, window), the ceiling and one relay
-    next to each other, their order turned every round."""
+    next to each other, their order turned every round; and where the CPU went per message
+    (the three nodes, the publisher or the relay, PostgreSQL's processes ``postgres``): on a
+    machine that runs out of CPU, what decides the quotient of the two rates."""
     # imported here: the curve alone needs no RabbitMQ binaries or test harness
     from tests.rabbit_cluster import RabbitCluster
 
@@ -131,6 +135,11 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
     relay: dict[str, list[float]] = {tag: [] for tag, *_ in cases}
     duplicates = {tag: 0 for tag, *_ in cases}
     confirm: dict[str, list[tuple[float, float]]] = {"quorum": [], "classic": []}
+    # µs of CPU per message, per case and part: broker / publisher during the ceiling, broker /
+    # relay / postgres during the relay's drain
+    cpu: dict[str, dict[str, list[float]]] = {
+        tag: {part: [] for part in ("ceiling_broker", "ceiling_publisher", "relay_broker",
+                                    "relay_relay", "relay_postgres")} for tag, *_ in cases}
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         progress("starting a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py)")
         with RabbitCluster(tmp) as cluster:
@@ -150,15 +159,27 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
                              f"{confirm[kind][-1][0]:.2f} ms, p99 {confirm[kind][-1][1]:.2f} ms")
                 for tag, arguments, batch, lanes in cases if r % 2 == 0 else cases[::-1]:
                     env = {"OUTBOX_BATCH_SIZE": str(batch), "OUTBOX_CONCURRENCY": str(lanes)}
+                    nodes = [node.proc.pid for node in cluster.nodes if node.proc]
+                    per_msg = 1e6 / n
                     for step in ("ceiling", "relay") if r % 2 == 0 else ("relay", "ceiling"):
+                        broker = tree_cpu(nodes)
                         if step == "ceiling":
+                            own = time.process_time()
                             ceiling[tag].append(throughput.ceiling(n, batch, lanes, first,
                                                                    arguments))
+                            cpu[tag]["ceiling_publisher"].append(
+                                (time.process_time() - own) * per_msg)
+                            cpu[tag]["ceiling_broker"].append(
+                                (tree_cpu(nodes) - broker) * per_msg)
                         else:
-                            d = asyncio.run(wakeup.busy_drain(1, n, cluster.url, arguments,
-                                                              **env))
+                            d = asyncio.run(wakeup.busy_drain(
+                                1, n, cluster.url, arguments,
+                                watch={"broker": nodes, "postgres": postgres}, **env))
                             relay[tag].append(d.rate)
                             duplicates[tag] += d.delivered - n
+                            cpu[tag]["relay_relay"].append(d.cpu * per_msg)
+                            cpu[tag]["relay_broker"].append(d.watched["broker"] * per_msg)
+                            cpu[tag]["relay_postgres"].append(d.watched["postgres"] * per_msg)
                     c, rr = ceiling[tag][-1], relay[tag][-1]
                     progress(f"  {'quorum' if arguments else 'classic'} queue, {lanes} lanes x "
                              f"{batch}: ceiling {c:.0f} msg/s, relay {rr:.0f} msg/s "
@@ -172,6 +193,9 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str]) -> None:
         out[f"{tag}_ceiling_rounds"] = spread(ceiling[tag])
         out[f"{tag}_relay_rounds"] = spread(relay[tag])
         out[f"{tag}_relay_duplicates"] = duplicates[tag]
+        for part, values in cpu[tag].items():
+            if part != "relay_postgres" or postgres:
+                out[f"{tag}_{part}_cpu_us_per_msg"] = median(values)
         if tag not in ("cluster", "cluster_classic"):
             # a wider window against the default one's ceiling: what the setting buys
             out[f"{tag}_relay_vs_default_ceiling"] = median(relay[tag]) / median(
@@ -186,17 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     skip = set(filter(None, args.skip.split(",")))
     out = Figures()
+    postgres: list[int] = []  # the private server's postmaster, for its CPU
     with contextlib.ExitStack() as stack:
         if args.database_url:
             common.DATABASE_URL = args.database_url
         else:
             progress("starting a private PostgreSQL with the stock configuration")
-            common.DATABASE_URL = stack.enter_context(PostgresNode()).url
+            node = stack.enter_context(PostgresNode())
+            common.DATABASE_URL = node.url
+            postgres = [node.proc.pid] if node.proc else []
         if "curve" not in skip:
             relay_curve(out, args.rounds, args.rows,
                         [int(x) for x in args.relays.split(",") if x], args.many_batch)
         if "cluster" not in skip:
-            on_cluster(out, args, skip)
+            on_cluster(out, args, skip, postgres)
     out.print()
     return 0
 

@@ -50,6 +50,21 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
+def tree_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds used so far by these processes and everything they started (a RabbitMQ
+    node's beam, PostgreSQL's backends: an ended one's time is in its parent's children_*)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += (times.user + times.system + times.children_user
+                              + times.children_system)
+    return total
+
+
 def connect() -> psycopg.Connection[Any]:
     """An autocommit connection to the benchmark's database."""
     return psycopg.connect(DATABASE_URL, autocommit=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from bench.common import (
     aconnect,
     median,
     progress,
+    tree_cpu,
 )
 from bench.load import confirm_times
 
@@ -185,6 +187,8 @@ class BusyDrain:
     delivered: int
     warnings: int
     timeouts: int  # of the warnings: "no confirms within the deadline"
+    cpu: float  # seconds of CPU the relays used from the commit until the table was empty
+    watched: dict[str, float]  # the same of each group of processes `busy_drain` watched
 
 
 async def busy_rate(relays: int, rows: int, url: str | None = None,
@@ -194,11 +198,15 @@ async def busy_rate(relays: int, rows: int, url: str | None = None,
 
 
 async def busy_drain(relays: int, rows: int, url: str | None = None,
-                     arguments: dict[str, Any] | None = None, **env: str) -> BusyDrain:
+                     arguments: dict[str, Any] | None = None,
+                     watch: Mapping[str, Sequence[int]] | None = None,
+                     **env: str) -> BusyDrain:
     """``relays`` relays, already connected, draining ``rows`` rows committed in one statement:
     the rate from the commit until the table is empty. ``url`` (a node list, as
-    OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type; ``env``: the
-    relays' other settings (OUTBOX_BATCH_SIZE…)."""
+    OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type; ``watch``:
+    groups of processes (a broker's nodes, a PostgreSQL server) whose CPU over the same span
+    to report; ``env``: the relays' other settings (OUTBOX_BATCH_SIZE…)."""
+    watch = watch or {}
     async with Queue(url, arguments) as queue:
         with Schema(**({"amqp_url": url} if url else {})) as schema:
             procs = [RelayProcess(schema, **env) for _ in range(relays)]
@@ -211,6 +219,8 @@ async def busy_drain(relays: int, rows: int, url: str | None = None,
                         "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})) "
                         "FROM generate_series(1, %s) g").format(
                             schema.table(), sql.Literal(PAD)), (queue.name, rows))
+                    cpu = -sum(_cpu(p) for p in procs)
+                    watched = {name: -tree_cpu(pids) for name, pids in watch.items()}
                     start = time.perf_counter()
                     count = sql.SQL("SELECT count(*) FROM {}").format(schema.table())
                     deadline = start + 300
@@ -223,6 +233,8 @@ async def busy_drain(relays: int, rows: int, url: str | None = None,
                         progress(f"  {relays} relays left rows after 300 s: the rate is of a "
                                  "drain that did not finish")
                     rate = rows / (time.perf_counter() - start)
+                    cpu += sum(_cpu(p) for p in procs)
+                    watched = {name: t + tree_cpu(watch[name]) for name, t in watched.items()}
             finally:
                 for p in procs:
                     p.stop()
@@ -234,4 +246,9 @@ async def busy_drain(relays: int, rows: int, url: str | None = None,
                 progress(f"  {relays} relays: {delivered} messages queued for {rows} rows, "
                          f"{len(warned)} warnings ({timeouts} confirm timeouts)"
                          + (f", the first: {warned[0][:300]}" if warned else ""))
-            return BusyDrain(rate, delivered, len(warned), timeouts)
+            return BusyDrain(rate, delivered, len(warned), timeouts, cpu, watched)
+
+
+def _cpu(relay: RelayProcess) -> float:
+    times = relay.ps.cpu_times()
+    return float(times.user + times.system)
