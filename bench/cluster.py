@@ -2,14 +2,16 @@
 RabbitMQ cluster with quorum queues (issue 16).
 
 * ``relays_N_msgs_per_s``: N = 1, 2, 4, 8 relay processes, already connected, on one table
-  draining a backlog (`bench.wakeup.busy_rate`) on the single broker, against that broker's
+  draining a backlog (`bench.wakeup.busy_drain`) on the single broker, against that broker's
   ceiling in the same rounds (`bench.throughput.relay_like_ceiling`: as many channels as a relay
-  has lanes, one batch each in flight).
+  has lanes, one batch each in flight); the confirm timeouts and duplicates of each N (the
+  queue counted after each drain); the most relays again with smaller batches (``--many-batch``).
 * On a private 3-node cluster (`tests.rabbit_cluster`), a quorum queue declared through the
   first node, the node the relay connects to first: the broker's ceiling (the same publisher,
   connected the same way), one relay draining as many rows, and their quotient; the same on a
   classic queue; then the relay and the ceiling with wider windows (more rows per batch, more
-  lanes), the settings a quorum queue may want.
+  lanes), the settings a quorum queue may want; one confirm at a time per queue type; and the
+  CPU per message of the nodes, the publisher or the relay, and PostgreSQL, over the same spans.
 
 Progress goes to stderr; stdout ends with one ``name: value`` line per figure, medians of the
 rounds, every ratio taken within this run. Nothing here asserts a timing.
