@@ -84,7 +84,7 @@ def relay_curve(out: Figures, rounds: int, rows: int, counts: list[int],
                  f" {ceiling[-1]:.0f} msg/s")
         # the order turns each round, so that a drift of the machine's load favours none
         for name, n, env in runs if r % 2 == 0 else runs[::-1]:
-            drains[name].append(asyncio.run(wakeup.busy_drain(n, rows, **env)))
+            drains[name].append(asyncio.run(wakeup.busy_drain(n, rows, env=env)))
             rates[name].append(drains[name][-1].rate)
             progress(f"  {n} relays{f' of batch {many_batch}' if env else ''}: "
                      f"{rates[name][-1]:.0f} msg/s")
@@ -127,7 +127,8 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str],
     defaults = Settings()
     n = args.cluster_rows
     # (figure prefix, queue arguments, batch size, lanes)
-    cases = [("cluster", QUORUM, defaults.batch_size, defaults.concurrency)]
+    cases: list[tuple[str, dict[str, Any] | None, int, int]] = [
+        ("cluster", QUORUM, defaults.batch_size, defaults.concurrency)]
     if "classic" not in skip:
         cases.append(("cluster_classic", CLASSIC, defaults.batch_size, defaults.concurrency))
     if "windows" not in skip:
@@ -176,7 +177,7 @@ def on_cluster(out: Figures, args: argparse.Namespace, skip: set[str],
                         else:
                             d = asyncio.run(wakeup.busy_drain(
                                 1, n, cluster.url, arguments,
-                                watch={"broker": nodes, "postgres": postgres}, **env))
+                                env=env, watch={"broker": nodes, "postgres": postgres}))
                             relay[tag].append(d.rate)
                             duplicates[tag] += d.delivered - n
                             cpu[tag]["relay_relay"].append(d.cpu * per_msg)

@@ -192,21 +192,22 @@ class BusyDrain:
 
 
 async def busy_rate(relays: int, rows: int, url: str | None = None,
-                    arguments: dict[str, Any] | None = None, **env: str) -> float:
+                    arguments: dict[str, Any] | None = None,
+                    env: Mapping[str, str] | None = None) -> float:
     """Messages per second of `busy_drain`."""
-    return (await busy_drain(relays, rows, url, arguments, **env)).rate
+    return (await busy_drain(relays, rows, url, arguments, env=env)).rate
 
 
 async def busy_drain(relays: int, rows: int, url: str | None = None,
                      arguments: dict[str, Any] | None = None,
-                     watch: Mapping[str, Sequence[int]] | None = None,
-                     **env: str) -> BusyDrain:
+                     env: Mapping[str, str] | None = None,
+                     watch: Mapping[str, Sequence[int]] | None = None) -> BusyDrain:
     """``relays`` relays, already connected, draining ``rows`` rows committed in one statement:
     the rate from the commit until the table is empty. ``url`` (a node list, as
     OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type; ``watch``:
     groups of processes (a broker's nodes, a PostgreSQL server) whose CPU over the same span
     to report; ``env``: the relays' other settings (OUTBOX_BATCH_SIZE…)."""
-    watch = watch or {}
+    watch, env = watch or {}, env or {}
     async with Queue(url, arguments) as queue:
         with Schema(**({"amqp_url": url} if url else {})) as schema:
             procs = [RelayProcess(schema, **env) for _ in range(relays)]

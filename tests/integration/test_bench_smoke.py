@@ -102,7 +102,7 @@ def test_cluster_bench_prints_the_relay_curve(capsys: pytest.CaptureFixture[str]
 async def test_relays_drain_into_a_quorum_queue() -> None:
     # the cluster phase's path (a queue type and relay settings passed through), on one node
     assert await wakeup.busy_rate(1, 300, common.AMQP_URL, cluster.QUORUM,
-                                  OUTBOX_BATCH_SIZE="100", OUTBOX_CONCURRENCY="2") > 0
+                                  {"OUTBOX_BATCH_SIZE": "100", "OUTBOX_CONCURRENCY": "2"}) > 0
     assert await throughput.ceiling_rate(300, 100, 2, common.AMQP_URL, cluster.QUORUM) > 0
 
 
