@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.installed
 export OUTBOX_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 export OUTBOX_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 
-.PHONY: help install demo test test-cluster test-unit test-integration test-faults chaos lint bench bench-long clean
+.PHONY: help install demo test test-cluster test-unit test-integration test-faults chaos lint bench bench-long bench-cluster clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,6 +50,9 @@ bench: $(STAMP)  ## throughput, ratios and latency, medians of 5 rounds, in one 
 
 bench-long: $(STAMP)  ## adds the 1M backlog, peak RSS and the bloat soak
 	$(BIN)/python -m bench --long
+
+bench-cluster: $(STAMP)  ## 1, 2, 4, 8 relays on one table; the relay on a private 3-node cluster, quorum queue (~8 min)
+	$(BIN)/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,21 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
+def tree_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds used so far by these processes and everything they started (a RabbitMQ
+    node's beam, PostgreSQL's backends: an ended one's time is in its parent's children_*)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += (times.user + times.system + times.children_user
+                              + times.children_system)
+    return total
+
+
 def connect() -> psycopg.Connection[Any]:
     """An autocommit connection to the benchmark's database."""
     return psycopg.connect(DATABASE_URL, autocommit=True)
@@ -71,11 +86,12 @@ def settings_for(schema: str, **changes: Any) -> Settings:
 
 
 class Schema:
-    """A dedicated schema migrated with `outbox.migrate.upgrade`, dropped on exit."""
+    """A dedicated schema migrated with `outbox.migrate.upgrade`, dropped on exit; ``changes``
+    are settings of its relays (e.g. ``amqp_url``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, **changes: Any) -> None:
         self.name = unique("bench")
-        self.settings = settings_for(self.name)
+        self.settings = settings_for(self.name, **changes)
 
     def __enter__(self) -> Schema:
         with connect() as conn:
@@ -131,22 +147,37 @@ class Schema:
 
 
 class Queue:
-    """A fresh durable queue on the default exchange, deleted on exit."""
+    """A fresh durable queue on the default exchange, deleted on exit. ``url`` (a node list
+    like OUTBOX_AMQP_URL's: the first node is used) and ``arguments`` (``x-queue-type``…)
+    default to the benchmark's broker and a classic queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str | None = None,
+                 arguments: dict[str, Any] | None = None) -> None:
         self.name = unique("bench")
+        self.url = (url or AMQP_URL).split(",")[0]
+        self.arguments = arguments
 
     async def __aenter__(self) -> Queue:
-        conn = await aiormq.connect(AMQP_URL)
+        conn = await aiormq.connect(self.url)
         try:
             ch = await conn.channel()
-            await ch.queue_declare(self.name, durable=True)
+            await ch.queue_declare(self.name, durable=True, arguments=self.arguments)
         finally:
             await conn.close()
         return self
 
+    async def depth(self) -> int:
+        """Messages in the queue now."""
+        conn = await aiormq.connect(self.url)
+        try:
+            ch = await conn.channel()
+            ok = await ch.queue_declare(self.name, passive=True)
+            return int(ok.message_count or 0)
+        finally:
+            await conn.close()
+
     async def __aexit__(self, *exc: object) -> None:
-        await delete_queues(AMQP_URL, [self.name])
+        await delete_queues(self.url, [self.name])
 
 
 async def delete_queues(amqp_url: str, names: Iterable[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from bench.common import (
     aconnect,
     median,
     progress,
+    tree_cpu,
 )
 from bench.load import confirm_times
 
@@ -91,9 +93,11 @@ async def producer_commits(seconds: float = 4.0, workers: int = 8,
     return ProducerFigures(**{name: median(r) for name, r in rates.items()})
 
 
-async def _wait_connected(relays: int, schema: Schema, timeout: float = 30.0) -> None:
-    """Until ``relays`` relays have every connection open (lanes, listener, wake-up task)."""
-    lanes = schema.settings.concurrency
+async def _wait_connected(relays: int, schema: Schema, timeout: float = 30.0,
+                          lanes: int = 0) -> None:
+    """Until ``relays`` relays of ``lanes`` lanes each (0: the schema's setting) have every
+    connection open (lanes, listener, wake-up task)."""
+    lanes = lanes or schema.settings.concurrency
     async with await aconnect() as conn:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -174,20 +178,50 @@ async def first_after_idle(quiet: float, rounds: int = 3) -> float:
     return median(delays) if delays else float("nan")
 
 
-async def busy_rate(relays: int, rows: int) -> float:
-    """Messages per second of ``relays`` relays, already connected, draining ``rows`` rows
-    committed in one statement: from the commit until the table is empty."""
-    async with Queue() as queue:
-        with Schema() as schema:
-            procs = [RelayProcess(schema) for _ in range(relays)]
+@dataclass
+class BusyDrain:
+    """One drain of `busy_drain`: its rate, the messages the queue then held (more than the rows:
+    duplicates) and the relays' warning lines (publish timeouts, nacks)."""
+
+    rate: float
+    delivered: int
+    warnings: int
+    timeouts: int  # of the warnings: "no confirms within the deadline"
+    cpu: float  # seconds of CPU the relays used from the commit until the table was empty
+    watched: dict[str, float]  # the same of each group of processes `busy_drain` watched
+
+
+async def busy_rate(relays: int, rows: int, url: str | None = None,
+                    arguments: dict[str, Any] | None = None,
+                    env: Mapping[str, str] | None = None) -> float:
+    """Messages per second of `busy_drain`."""
+    return (await busy_drain(relays, rows, url, arguments, env=env)).rate
+
+
+async def busy_drain(relays: int, rows: int, url: str | None = None,
+                     arguments: dict[str, Any] | None = None,
+                     env: Mapping[str, str] | None = None,
+                     watch: Mapping[str, Sequence[int]] | None = None) -> BusyDrain:
+    """``relays`` relays, already connected, draining ``rows`` rows committed in one statement:
+    the rate from the commit until the table is empty. ``url`` (a node list, as
+    OUTBOX_AMQP_URL) and ``arguments`` (`Queue`): another broker and queue type; ``watch``:
+    groups of processes (a broker's nodes, a PostgreSQL server) whose CPU over the same span
+    to report; ``env``: the relays' other settings (OUTBOX_BATCH_SIZE…)."""
+    watch, env = watch or {}, env or {}
+    async with Queue(url, arguments) as queue:
+        with Schema(**({"amqp_url": url} if url else {})) as schema:
+            procs = [RelayProcess(schema, **env) for _ in range(relays)]
             try:
-                await _wait_connected(relays, schema)
+                await _wait_connected(relays, schema,
+                                      lanes=int(env.get("OUTBOX_CONCURRENCY", 0)))
                 async with await aconnect() as conn:
                     await conn.execute(sql.SQL(
                         "INSERT INTO {} (routing_key, payload) "
                         "SELECT %s, jsonb_build_object('n', g, 'pad', repeat('x', {})) "
                         "FROM generate_series(1, %s) g").format(
                             schema.table(), sql.Literal(PAD)), (queue.name, rows))
+                    cpu = -sum(_cpu(p) for p in procs)
+                    watched = {name: -tree_cpu(pids) for name, pids in watch.items()}
                     start = time.perf_counter()
                     count = sql.SQL("SELECT count(*) FROM {}").format(schema.table())
                     deadline = start + 300
@@ -196,7 +230,26 @@ async def busy_rate(relays: int, rows: int) -> float:
                         if rec is not None and rec[0] == 0:
                             break
                         await asyncio.sleep(0.02)
-                    return rows / (time.perf_counter() - start)
+                    else:
+                        progress(f"  {relays} relays left rows after 300 s: the rate is of a "
+                                 "drain that did not finish")
+                    rate = rows / (time.perf_counter() - start)
+                    cpu += sum(_cpu(p) for p in procs)
+                    watched = {name: t + tree_cpu(watch[name]) for name, t in watched.items()}
             finally:
                 for p in procs:
                     p.stop()
+            delivered = await queue.depth()
+            warned = [line for p in procs for line in p.log.splitlines()
+                      if '"level":"warning"' in line or '"level":"error"' in line]
+            timeouts = sum("no confirms within the deadline" in line for line in warned)
+            if warned or delivered != rows:
+                progress(f"  {relays} relays: {delivered} messages queued for {rows} rows, "
+                         f"{len(warned)} warnings ({timeouts} confirm timeouts)"
+                         + (f", the first: {warned[0][:300]}" if warned else ""))
+            return BusyDrain(rate, delivered, len(warned), timeouts, cpu, watched)
+
+
+def _cpu(relay: RelayProcess) -> float:
+    times = relay.ps.cpu_times()
+    return float(times.user + times.system)

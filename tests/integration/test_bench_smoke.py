@@ -7,7 +7,7 @@ import math
 import psycopg
 import pytest
 
-from bench import common, latency, load, throughput, wakeup
+from bench import cluster, common, latency, load, throughput, wakeup
 from bench.postgres_node import PostgresNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,6 +87,23 @@ async def test_wakeup_phases_measure_idle_relays_and_busy_ones() -> None:
     assert idle.transactions_per_s >= 0 and idle.cpu_percent >= 0
     assert await wakeup.busy_rate(2, 500) > 0
     assert not math.isnan(await wakeup.first_after_idle(0.2, rounds=1))
+
+
+def test_cluster_bench_prints_the_relay_curve(capsys: pytest.CaptureFixture[str]) -> None:
+    # the single-broker part of `make bench-cluster`; the 3-node part needs minutes to start
+    assert cluster.main(["--skip", "cluster", "--rounds", "1", "--rows", "300",
+                         "--relays", "1,2", "--database-url", common.DATABASE_URL]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    for name in ("ceiling_msgs_per_s", "relays_1_msgs_per_s", "relays_2_msgs_per_s",
+                 "relays_2_vs_ceiling", "relays_2_vs_1"):
+        assert float(lines[name]) > 0
+
+
+async def test_relays_drain_into_a_quorum_queue() -> None:
+    # the cluster phase's path (a queue type and relay settings passed through), on one node
+    assert await wakeup.busy_rate(1, 300, common.AMQP_URL, cluster.QUORUM,
+                                  {"OUTBOX_BATCH_SIZE": "100", "OUTBOX_CONCURRENCY": "2"}) > 0
+    assert await throughput.ceiling_rate(300, 100, 2, common.AMQP_URL, cluster.QUORUM) > 0
 
 
 def test_private_postgres_runs_the_stock_configuration_and_is_removed() -> None:
