@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from bench import common, inbox, latency, load, throughput, wakeup
-from bench.common import AMQP_URL, median, progress
+from bench.common import AMQP_URL, Figures, median, progress, spread
 from bench.postgres_node import PostgresNode
 from outbox.settings import Settings
 
@@ -59,29 +59,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 PHASES = ("throughput", "keyed", "hot", "traced", "latency", "inprocess", "producers", "wakeup",
           "inbox", "backlog", "soak")
-
-
-class Figures:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self.values[name] = value
-        progress(f"{name}: {fmt(value)}")
-
-    def print(self) -> None:
-        for name, value in self.values.items():
-            print(f"{name}: {fmt(value)}")
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
-    return str(value)
-
-
-def spread(values: list[float]) -> str:
-    return "[" + " ".join(fmt(v) for v in values) + "]"
 
 
 def relay_rounds(rounds: int, rows: int, startup: float, startup_cpu: float,

@@ -29,8 +29,7 @@ import time
 from typing import Any
 
 from bench import common, throughput, wakeup
-from bench.__main__ import Figures, spread
-from bench.common import median, progress, tree_cpu
+from bench.common import Figures, median, progress, spread, tree_cpu
 from bench.postgres_node import PostgresNode
 from outbox.amqp import with_defaults
 from outbox.settings import Settings

@@ -40,6 +40,29 @@ def progress(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+class Figures:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.values[name] = value
+        progress(f"{name}: {fmt(value)}")
+
+    def print(self) -> None:
+        for name, value in self.values.items():
+            print(f"{name}: {fmt(value)}")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def spread(values: list[float]) -> str:
+    return "[" + " ".join(fmt(v) for v in values) + "]"
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
