@@ -1,7 +1,6 @@
 """Fixtures of the fault suite. The machinery itself (relay processes, proxies, the reconnecting
 consumer, the ledger, producers) is in `tests.faults.harness`, which the chaos run
-(`python -m tests.chaos`) uses too; its names are re-exported here for the tests that import them
-from this module.
+(`python -m tests.chaos`) uses too; the tests import it from there.
 
 Every fault test ends with ``await ledger.account()``: over all rows it committed, delivered
 (distinct message ids a consumer saw) + dead must equal committed, lost must be 0, and the
@@ -20,28 +19,12 @@ import pytest
 from outbox.settings import Settings
 from tests.faults.harness import (
     AMQP_PORT,
-    FAST,
     PG_PORT,
     TALLIES,
-    Collector,
     Ledger,
     RelayProcess,
-    Tally,
-    collecting,
-    execute,
-    fault_settings,
-    rabbitmqctl,
-    readyz,
-    sessions,
-    terminate,
-    until,
-    via,
 )
 from tests.proxy import FaultProxy
-
-__all__ = ["AMQP_PORT", "FAST", "PG_PORT", "Collector", "Ledger", "RelayProcess", "Tally",
-           "collecting", "execute", "fault_settings", "rabbitmqctl", "readyz", "sessions",
-           "terminate", "until", "via"]
 
 
 @pytest.fixture

@@ -153,10 +153,11 @@ def terminate(ports: Sequence[int], application: str | None = None) -> int:
     return len(rows)
 
 
-def execute(settings: Settings, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+def execute(settings: Settings, query: str, params: Sequence[Any] = (),
+            url: str = support.DATABASE_URL) -> list[tuple[Any, ...]]:
     """Run SQL on the test schema (``{}`` in the query is the quoted schema)."""
     q = sql.SQL(query).format(sql.Identifier(settings.schema))  # type: ignore[arg-type,unused-ignore]
-    with psycopg.connect(support.DATABASE_URL, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(q, params)
         return cur.fetchall() if cur.description else []
 
@@ -220,6 +221,7 @@ class Ledger:
 
     name: str
     settings: Settings | None = None
+    url: str = support.DATABASE_URL  # where the test reads the outbox (a pair's multi-host URL)
     committed: set[str] = field(default_factory=set)
     collectors: list[Collector] = field(default_factory=list)
     tally: Tally | None = None
@@ -243,7 +245,7 @@ class Ledger:
     def _rows(self) -> tuple[set[str], set[str]]:
         assert self.settings is not None
         rows = execute(self.settings, "SELECT message_id::text, dead_at IS NOT NULL FROM {}.outbox "
-                                      "WHERE sent_at IS NULL")
+                                      "WHERE sent_at IS NULL", url=self.url)
         dead = {r[0] for r in rows if r[1]}
         pending = {r[0] for r in rows if not r[1]}
         return dead, pending
@@ -262,7 +264,7 @@ class Ledger:
         query, cheap enough to poll while a consumer reads tens of thousands of messages."""
         assert self.settings is not None
         rows = execute(self.settings, "SELECT count(*) FROM {}.outbox "
-                                      "WHERE sent_at IS NULL AND dead_at IS NULL")
+                                      "WHERE sent_at IS NULL AND dead_at IS NULL", url=self.url)
         return int(rows[0][0]), sum(len(c.seen) for c in self.collectors)
 
     async def wait_settled(self, timeout: float) -> None:

@@ -16,16 +16,18 @@ import pytest
 
 from outbox.settings import Settings
 from tests import support
-from tests.faults.conftest import (
+from tests.faults.harness import (
     Ledger,
     RelayProcess,
     collecting,
     fault_settings,
     rabbitmqctl,
+    recovered,
     sessions,
+    status,
+    under_way,
     until,
 )
-from tests.faults.harness import recovered, status, under_way
 from tests.proxy import FaultProxy
 from tests.rabbit_node import RabbitNode
 

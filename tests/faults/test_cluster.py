@@ -27,7 +27,7 @@ from outbox.publisher import AmqpPublisher
 from outbox.rows import Outcome, Row
 from outbox.settings import Settings
 from tests import support
-from tests.faults.conftest import (
+from tests.faults.harness import (
     Collector,
     Ledger,
     RelayProcess,

@@ -16,19 +16,22 @@ import pytest
 
 from outbox.settings import Settings
 from tests import support
-from tests.faults.conftest import (
+from tests.faults.harness import (
     Collector,
     Ledger,
     RelayProcess,
     collecting,
     execute,
     fault_settings,
+    finish,
     readyz,
+    recovered,
     sessions,
+    status,
     terminate,
+    under_way,
     until,
 )
-from tests.faults.harness import finish, recovered, status, under_way
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.faults

@@ -13,8 +13,15 @@ from collections.abc import Callable
 import pytest
 
 from tests import support
-from tests.faults.conftest import Ledger, RelayProcess, collecting, fault_settings, until
-from tests.faults.harness import finish, under_way
+from tests.faults.harness import (
+    Ledger,
+    RelayProcess,
+    collecting,
+    fault_settings,
+    finish,
+    under_way,
+    until,
+)
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.faults

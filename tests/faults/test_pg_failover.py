@@ -27,8 +27,15 @@ from outbox import migrate
 from outbox.settings import Settings
 from outbox.store import READ_ONLY
 from tests import support
-from tests.faults.conftest import Collector, Ledger, RelayProcess, collecting, fault_settings, until
-from tests.faults.harness import readyz
+from tests.faults.harness import (
+    Collector,
+    Ledger,
+    RelayProcess,
+    collecting,
+    fault_settings,
+    readyz,
+    until,
+)
 from tests.postgres_pair import PostgresPair
 
 pytestmark = pytest.mark.faults
@@ -41,20 +48,6 @@ KEYS = 40
 def pair() -> Iterator[PostgresPair]:
     with PostgresPair() as p:
         yield p
-
-
-class PairLedger(Ledger):
-    """The fault ledger, reading the outbox through the pair's multi-host URL."""
-
-    url: str = ""
-
-    def _rows(self) -> tuple[set[str], set[str]]:
-        assert self.settings is not None
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            rows = conn.execute(sql.SQL(
-                "SELECT message_id::text, dead_at IS NOT NULL FROM {}.outbox "
-                "WHERE sent_at IS NULL").format(sql.Identifier(self.settings.schema))).fetchall()
-        return {r[0] for r in rows if r[1]}, {r[0] for r in rows if not r[1]}
 
 
 def insert(url: str, schema: str, keys: list[str],
@@ -122,8 +115,8 @@ async def test_primary_killed_and_standby_promoted_mid_drain(
     schema = support.unique("pgfo")
     queue = QUEUE[0] = support.unique("q")
     settings = migrated(pair, schema, batch_size=200)
-    ledger = PairLedger("test_primary_killed_and_standby_promoted_mid_drain", settings=settings)
-    ledger.url = pair.url
+    ledger = Ledger("test_primary_killed_and_standby_promoted_mid_drain", settings=settings,
+                    url=pair.url)
     rng = random.Random(1)
     where: dict[str, tuple[int, str]] = {}
     for _ in range(ROWS // 500):
@@ -211,9 +204,8 @@ async def test_relay_on_a_standby_says_so_once_and_drains_once_promoted(
     port = support.free_port()
     settings = migrated(pair, schema, http_port=port, stats_interval=60.0)
     ids = [m for m, _, _ in insert(pair.primary.url, schema, ["a"] * 20)]
-    ledger = PairLedger("test_relay_on_a_standby_says_so_once_and_drains_once_promoted",
-                        settings=settings)
-    ledger.url = pair.standby.url
+    ledger = Ledger("test_relay_on_a_standby_says_so_once_and_drains_once_promoted",
+                    settings=settings, url=pair.standby.url)
     ledger.add(ids)
     standby = settings.replace(database_url=pair.standby.url)
     out = await asyncio.to_thread(doctor, standby)

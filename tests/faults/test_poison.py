@@ -13,7 +13,7 @@ import pytest
 from outbox import migrate
 from outbox.settings import Settings
 from tests import support
-from tests.faults.conftest import (
+from tests.faults.harness import (
     Ledger,
     RelayProcess,
     collecting,

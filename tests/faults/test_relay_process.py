@@ -11,13 +11,14 @@ import orjson
 import pytest
 
 from tests import support
-from tests.faults.conftest import (
+from tests.faults.harness import (
     Ledger,
     RelayProcess,
     collecting,
     fault_settings,
+    finish,
+    under_way,
 )
-from tests.faults.harness import finish, under_way
 
 pytestmark = pytest.mark.faults
 
