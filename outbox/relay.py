@@ -110,6 +110,8 @@ class Relay:
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
         self._timerless = 0  # how many of them sleep with no timer (covered by wake-ups)
         self._in_flight = 0  # lanes publishing or settling a batch
+        self._open: set[int] = set()  # lanes whose transaction (claim to settle or release) is open
+        self._overlapped: set[int] = set()  # ... of which those another lane's overlapped
         # a wake-up came while no lane slept, and no claim has begun since
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
@@ -247,26 +249,40 @@ class Relay:
                     self._unclaimed = False  # this claim sees every row committed until now
                     self._claimed_at = time.monotonic()
                     self._stall_said = False
-                    rows = await session.claim(self.settings.batch_size)
+                    self._transaction_begins(lane)
+                    try:
+                        rows = await session.claim(self.settings.batch_size)
+                        if rows:
+                            self._flag.busy(rows[-1].id)
+                            full = len(rows) == self.settings.batch_size
+                            if full:
+                                self._wake()  # more may be waiting: a sleeping lane joins in
+                            self._in_flight += 1
+                            try:
+                                await self._process(session, rows, lane)
+                            finally:
+                                self._in_flight -= 1
+                        else:
+                            await session.release()
+                    finally:
+                        alone = self._transaction_ends(lane)
                     if not rows:
-                        await session.release()
                         if self.drain and not self._in_flight:
-                            self._wake_all()  # lanes asleep below see the same and end
-                            return
+                            if alone:
+                                self._wake_all()  # lanes asleep below see the same and end
+                                return
+                            # Another lane's transaction overlapped this claim: it may have
+                            # held ready rows, committed some after this claim's snapshot, or
+                            # (its claim rechecking a row this lane had just rescheduled against
+                            # its older now()) locked one without claiming it. Look again once
+                            # none is open.
+                            if not self._open:
+                                continue
                         # (a drain waits too while a batch is in flight: it may free the next
                         # rows of its keys)
                         if not self._unclaimed:
                             await self._sleep(wake)
                         continue
-                    self._flag.busy(rows[-1].id)
-                    full = len(rows) == self.settings.batch_size
-                    if full:
-                        self._wake()  # more may be waiting: a sleeping lane joins in
-                    self._in_flight += 1
-                    try:
-                        await self._process(session, rows, lane)
-                    finally:
-                        self._in_flight -= 1
                     keyed = any(r.ordering_key is not None for r in rows)
                     if keyed:
                         self._wake()  # the next rows of these keys are claimable now
@@ -294,6 +310,22 @@ class Relay:
                     await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
         finally:
             await self._drop(session)
+
+    def _transaction_begins(self, lane: int) -> None:
+        if self._open:
+            self._overlapped.update(self._open)
+            self._overlapped.add(lane)
+        else:
+            self._overlapped.discard(lane)
+        self._open.add(lane)
+
+    def _transaction_ends(self, lane: int) -> bool:
+        """Close a lane's transaction; True when no other lane's was open at any time during
+        it, so that an empty claim in it proves that no row was ready for this relay."""
+        self._open.discard(lane)
+        alone = lane not in self._overlapped
+        self._overlapped.discard(lane)
+        return alone
 
     async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> None:
         metrics.BATCH_SIZE.observe(len(rows))

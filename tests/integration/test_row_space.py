@@ -162,7 +162,7 @@ async def run_example(settings: Settings, queue: str, frame_max: int,
         if not (is_sent or is_dead):
             # a dead row blocks its key until an operator acts (DESIGN.md, Ordering)
             assert any(k == key and i < row_id for k, i in dead_keys), (
-                f"row {row_id} still pending after the drain")
+                f"row {row_id} still pending after the drain: {ends[row_id]}")
             continue
         if is_dead:
             assert last_error, f"row {row_id} dead without a reason"
