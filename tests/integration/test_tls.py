@@ -283,20 +283,25 @@ def refused_amqp(case: str, node: RabbitNode, expired_node: RabbitNode, pki: Pki
     raise AssertionError(case)
 
 
+async def doctor_and_relay_refuse(settings: Settings, side: str, words: str) -> None:
+    """`outbox doctor` fails with one line naming the cause, and the relay logs that cause in
+    one line (its own error line, once)."""
+    code, lines = run_doctor(settings)
+    assert code == 1, lines
+    (fail,) = [line for line in lines if line.startswith("FAIL") and f" {side} " in line]
+    assert words in fail, fail
+    error = await relay_refusal(settings, side)
+    assert words in error, error
+    assert "\n" not in error
+
+
 @pytest.mark.parametrize("case", BROKER_CASES, ids=lambda c: c.name)
 async def test_broker_refusal_is_one_line_everywhere(
         tls_settings: Settings, node: RabbitNode, expired_node: RabbitNode, pki: Pki,
         case: Refused) -> None:
     settings = tls_settings.replace(amqp_url=refused_amqp(case.name, node, expired_node, pki))
 
-    code, lines = run_doctor(settings)
-    assert code == 1, lines
-    (fail,) = [line for line in lines if line.startswith("FAIL") and " broker " in line]
-    assert case.words in fail, fail
-
-    error = await relay_refusal(settings, "broker")
-    assert case.words in error, error
-    assert "\n" not in error
+    await doctor_and_relay_refuse(settings, "broker", case.words)
 
     error = await consumer_refusal(settings, support.unique("tls_q"), "broker unavailable")
     assert case.words in error, error
@@ -354,13 +359,7 @@ async def test_database_refusal_is_one_line_everywhere(
     case: Refused = request.node.callspec.params["database_case"]
     settings = tls_settings.replace(database_url=database_case)
 
-    code, lines = run_doctor(settings)
-    assert code == 1, lines
-    (fail,) = [line for line in lines if line.startswith("FAIL") and " database " in line]
-    assert case.words in fail, fail
-
-    error = await relay_refusal(settings, "database")
-    assert case.words in error, error
+    await doctor_and_relay_refuse(settings, "database", case.words)
 
     error = await consumer_refusal(settings, waiting_message,
                                    "database unavailable; holding the batch")
