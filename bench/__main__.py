@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import sys
 from typing import Any
 
-from bench import common, inbox, latency, load, throughput, wakeup
+from bench import common, inbox, latency, load, postgres_node, throughput, wakeup
 from bench.common import AMQP_URL, Figures, median, progress, spread
-from bench.postgres_node import PostgresNode
 from outbox.settings import Settings
 
 
@@ -37,10 +34,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-vacuum-every", type=float, default=0.0,
                    help="seconds between VACUUMs of the outbox during the soak, standing in for "
                    "autovacuum on a server that runs without it (0: none)")
-    p.add_argument("--database-url", default=os.environ.get("OUTBOX_BENCH_DATABASE_URL"),
-                   help="benchmark against this PostgreSQL (env OUTBOX_BENCH_DATABASE_URL) "
-                   "instead of a private cluster with the stock configuration started for the "
-                   "run (bench/postgres_node.py)")
+    postgres_node.add_database_url(p)
     p.add_argument("--traced-rows", type=int, default=30_000,
                    help="rows of each drain of the tracing cost (traced against untraced)")
     p.add_argument("--latency-5k-rate", type=float, default=5_000.0,
@@ -121,15 +115,12 @@ def outside_figures(rounds: list[latency.OutsideFigures]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    with contextlib.ExitStack() as stack:
-        if args.database_url:
-            common.DATABASE_URL = args.database_url
-        else:
-            # Commit timestamps give the latency phase each row's commit time (bench/latency.py).
-            progress("starting a private PostgreSQL with the stock configuration "
-                     "(and track_commit_timestamp on)")
-            common.DATABASE_URL = stack.enter_context(
-                PostgresNode(settings={"track_commit_timestamp": "on"})).url
+    if not args.database_url:
+        progress("starting a private PostgreSQL with the stock configuration "
+                 "(and track_commit_timestamp on)")
+    # Commit timestamps give the latency phase each row's commit time (bench/latency.py).
+    with postgres_node.database(args.database_url, {"track_commit_timestamp": "on"}) as node:
+        common.DATABASE_URL = node.url if node else args.database_url
         run(args)
     return 0
 

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import sys
 import tempfile
 import time
 from typing import Any
 
-from bench import common, throughput, wakeup
+from bench import common, postgres_node, throughput, wakeup
 from bench.common import Figures, median, progress, spread, tree_cpu
-from bench.postgres_node import PostgresNode
 from outbox.amqp import with_defaults
 from outbox.settings import Settings
 
@@ -54,10 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--windows", default="2000x3,1000x6",
                    help="wider windows tried on the quorum queue, BATCHxLANES, comma-separated "
                    "(empty: none)")
-    p.add_argument("--database-url", default=os.environ.get("OUTBOX_BENCH_DATABASE_URL"),
-                   help="benchmark against this PostgreSQL (env OUTBOX_BENCH_DATABASE_URL) "
-                   "instead of a private cluster with the stock configuration started for the "
-                   "run (bench/postgres_node.py)")
+    postgres_node.add_database_url(p)
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
                    "curve,cluster,classic,windows")
     return p.parse_args(argv)
@@ -212,15 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     skip = set(filter(None, args.skip.split(",")))
     out = Figures()
-    postgres: list[int] = []  # the private server's postmaster, for its CPU
-    with contextlib.ExitStack() as stack:
-        if args.database_url:
-            common.DATABASE_URL = args.database_url
-        else:
-            progress("starting a private PostgreSQL with the stock configuration")
-            node = stack.enter_context(PostgresNode())
-            common.DATABASE_URL = node.url
-            postgres = [node.proc.pid] if node.proc else []
+    if not args.database_url:
+        progress("starting a private PostgreSQL with the stock configuration")
+    with postgres_node.database(args.database_url) as node:
+        common.DATABASE_URL = node.url if node else args.database_url
+        postgres = [node.proc.pid] if node and node.proc else []
         if "curve" not in skip:
             relay_curve(out, args.rounds, args.rows,
                         [int(x) for x in args.relays.split(",") if x], args.many_batch)

@@ -14,6 +14,7 @@ A test that needs a server setting the shared server lacks passes it (``settings
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pwd
@@ -23,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,23 @@ class PostgresNode:
                 self.proc.wait()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.base)
+
+
+def add_database_url(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--database-url``: a server of yours instead of a private one."""
+    parser.add_argument(
+        "--database-url", default=os.environ.get("OUTBOX_BENCH_DATABASE_URL"),
+        help="benchmark against this PostgreSQL (env OUTBOX_BENCH_DATABASE_URL) instead of a "
+        "private cluster with the stock configuration started for the run "
+        "(bench/postgres_node.py)")
+
+
+@contextlib.contextmanager
+def database(url: str | None, settings: Mapping[str, str] | None = None
+             ) -> Iterator[PostgresNode | None]:
+    """``url`` when given; else a private `PostgresNode` (with ``settings``) for the block."""
+    if url:
+        yield None
+        return
+    with PostgresNode(settings=settings) as node:
+        yield node

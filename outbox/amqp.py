@@ -21,6 +21,7 @@ from aiormq import exceptions as amqp_exc
 
 from outbox.exceptions import BrokerUnavailable, PermanentRefusal
 from outbox.settings import redact
+from outbox.tls import ssl_text, verify_failure
 
 PERMANENT: tuple[type[BaseException], ...] = (
     amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError,
@@ -37,8 +38,6 @@ _CLIENT_CERT_REFUSED = frozenset({
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
     "TLSV1_ALERT_ACCESS_DENIED",
 })
-# verify codes that mean "not signed by a CA in cafile" (X509_V_ERR_*)
-_UNTRUSTED = frozenset({18, 19, 20, 21})
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -72,13 +71,6 @@ def refusal(exc: BaseException) -> BaseException | None:
     return next((e for e in _chain(exc) if _is_refusal(e)), None)
 
 
-def _ssl_text(exc: ssl.SSLError) -> str:
-    """OpenSSL's words without the codes: "[SSL: X] tlsv1 alert unknown ca (_ssl.c:2580)" ->
-    "tlsv1 alert unknown ca"."""
-    text = str(exc.strerror or exc)
-    text = text.split("] ", 1)[-1]
-    return text.split(" (_ssl.c:", 1)[0]
-
 
 def with_defaults(url: str, heartbeat: int, timeout: float) -> str:
     """Add the heartbeat and connect timeout to an AMQP URL unless it sets them itself."""
@@ -101,9 +93,8 @@ def describe_refusal(exc: BaseException, url: str = "") -> str:
     ``url``, the one refused, names a missing TLS file."""
     exc = refusal(exc) or exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or _ssl_text(exc)
-        if exc.verify_code in _UNTRUSTED:
-            why += " (the broker's certificate is not signed by a trusted CA: check cafile)"
+        why = verify_failure(
+            exc, "the broker's certificate is not signed by a trusted CA: check cafile")
         return f"TLS: certificate verify failed: {why}"
     if isinstance(exc, amqp_exc.ConnectionNotAllowed):
         return f"access refused (unknown vhost or no permission): {exc}"
@@ -111,10 +102,10 @@ def describe_refusal(exc: BaseException, url: str = "") -> str:
         # aiormq's errors are OSErrors too: these before the file errors below
         return f"authentication failed (check the user and password): {exc}"
     if isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERT_REFUSED:
-        return (f"TLS: the broker refused the client certificate ({_ssl_text(exc)}); "
+        return (f"TLS: the broker refused the client certificate ({ssl_text(exc)}); "
                 "check certfile and keyfile")
     if isinstance(exc, ssl.SSLError):
-        return f"TLS: cannot load the URL's cafile, certfile or keyfile ({_ssl_text(exc)})"
+        return f"TLS: cannot load the URL's cafile, certfile or keyfile ({ssl_text(exc)})"
     if isinstance(exc, OSError):
         files = ", ".join(_unreadable_files(url)) or "the URL's cafile, certfile or keyfile"
         return f"TLS: cannot load {files} ({exc.strerror or exc})"
@@ -128,7 +119,7 @@ def describe_connect_error(exc: BaseException, url: str = "") -> str:
         return describe_refusal(exc, url)
     for cause in _chain(exc):
         if isinstance(cause, ssl.SSLError):  # e.g. amqps:// to a plain port
-            return f"cannot connect (TLS: {_ssl_text(cause)})"
+            return f"cannot connect (TLS: {ssl_text(cause)})"
     return f"cannot connect ({str(exc) or type(exc).__name__})"
 
 

@@ -30,6 +30,7 @@ from outbox.ports import Stats, Writer
 from outbox.rows import Row, Settlement
 from outbox.settings import Settings, redact
 from outbox.sql import Queries, for_schema
+from outbox.tls import verify_failure
 
 log = logging.getLogger("outbox.store")
 
@@ -46,8 +47,6 @@ _VERIFY_FAILED_WHY = ("the server certificate is not signed by the CA of sslroot
                       "or not yet valid")
 _SERVER_AT = re.compile(r'server at "([^"]+)", port (\d+)')
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # the protocol's "may we speak TLS?" message
-# verify codes that mean "not signed by a CA we trust" (X509_V_ERR_*)
-_UNTRUSTED = frozenset({18, 19, 20, 21})
 LISTEN_PING = 30.0  # seconds of silence before the listener pings (TCP keepalives watch too)
 READ_ONLY = ("connected to a read-only standby; point OUTBOX_DATABASE_URL at the primary or add "
              "target_session_attrs=read-write")
@@ -130,10 +129,7 @@ async def unverified_why(database_url: str, msg: str, timeout: float) -> str | N
                 return None
             await writer.start_tls(context)
     except ssl.SSLCertVerificationError as exc:
-        why = str(exc.verify_message)
-        if exc.verify_code in _UNTRUSTED:
-            why += " (the server certificate is not signed by the CA of sslrootcert)"
-        return why
+        return verify_failure(exc, "the server certificate is not signed by the CA of sslrootcert")
     except Exception:  # the probe only adds words: libpq's own line stands without them
         return None
     finally:
