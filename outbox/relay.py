@@ -110,6 +110,8 @@ class Relay:
         self._sleeping: list[asyncio.Event] = []  # the lanes asleep now, the longest first
         self._timerless = 0  # how many of them sleep with no timer (covered by wake-ups)
         self._in_flight = 0  # lanes publishing or settling a batch
+        self._claiming = 0  # lanes whose claim is running
+        self._short_claims = 0  # claims so far that came back with less than a full batch
         self._open: set[int] = set()  # lanes whose transaction (claim to settle or release) is open
         self._overlapped: set[int] = set()  # ... of which those another lane's overlapped
         # a wake-up came while no lane slept, and no claim has begun since
@@ -250,11 +252,12 @@ class Relay:
                     self._claimed_at = time.monotonic()
                     self._stall_said = False
                     self._transaction_begins(lane)
+                    shorts, skipped = self._short_claims, False
                     try:
-                        rows = await session.claim(self.settings.batch_size)
+                        rows = await self._claim(session)
+                        full = len(rows) == self.settings.batch_size
                         if rows:
                             self._flag.busy(rows[-1].id)
-                            full = len(rows) == self.settings.batch_size
                             if full:
                                 self._wake()  # more may be waiting: a sleeping lane joins in
                             self._in_flight += 1
@@ -262,6 +265,11 @@ class Relay:
                                 await self._process(session, rows, lane)
                             finally:
                                 self._in_flight -= 1
+                            # Another lane's claim came back short while this one held its
+                            # rows, or is running now: it may have passed over ready rows in
+                            # the blocks this batch held (outbox/queries.sql). Look again.
+                            skipped = (self._short_claims - shorts - (not full) > 0
+                                       or self._claiming > 0)
                         else:
                             await session.release()
                     finally:
@@ -287,7 +295,7 @@ class Relay:
                     if keyed:
                         self._wake()  # the next rows of these keys are claimable now
                     failures = 0
-                    if not (full or keyed) and self._may_rest():
+                    if not (full or keyed or skipped) and self._may_rest():
                         await self._sleep(wake)
                 except StoreUnavailable as exc:
                     failures += 1
@@ -310,6 +318,16 @@ class Relay:
                     await self._pause(backoff(failures, RECONNECT_BASE, RECONNECT_CAP, self._rng))
         finally:
             await self._drop(session)
+
+    async def _claim(self, session: StoreSession) -> list[Row]:
+        self._claiming += 1
+        try:
+            rows = await session.claim(self.settings.batch_size)
+        finally:
+            self._claiming -= 1
+        if len(rows) < self.settings.batch_size:
+            self._short_claims += 1
+        return rows
 
     def _transaction_begins(self, lane: int) -> None:
         if self._open:

@@ -39,9 +39,11 @@ class Queries:
         channel = sql.Identifier(channel_name(schema))
         # Rendered to bytes once: psycopg would otherwise compose each `sql.Composed` again at
         # every execution, on the path of every claim.
+        names = {"schema": ident, "channel": channel,
+                 "table": sql.Literal(f'"{schema}".outbox')}  # a plain identifier (settings)
         self._q: dict[str, bytes] = {
-            name: (sql.SQL(text).format(schema=ident, channel=channel)
-                   if "{channel}" in text else sql.SQL(text).format(schema=ident)).as_bytes(None)
+            name: sql.SQL(text).format(**{k: v for k, v in names.items()
+                                          if "{" + k + "}" in text}).as_bytes(None)
             for name, text in raw_queries().items()
         }
 

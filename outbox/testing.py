@@ -49,8 +49,12 @@ class StoredRow:
                    datetime.fromtimestamp(self.created_at, UTC), self.attempts)
 
 
+BLOCK = 256  # ids per block of rows without a key, as in the claim of outbox/queries.sql
+
+
 class InMemoryStore:
-    """A `Store` on a dict, with the same claim rules as the SQL one (SKIP LOCKED, head of key)."""
+    """A `Store` on a dict, with the same claim rules as the SQL one (SKIP LOCKED, head of key,
+    blocks of rows without a key)."""
 
     def __init__(self, on_sent: str = "delete", clock: Callable[[], float] = time.time) -> None:
         self.rows: dict[int, StoredRow] = {}
@@ -58,6 +62,8 @@ class InMemoryStore:
         self.clock = clock
         self.down = False  # set to make every call fail as a lost database would
         self._next_id = 1
+        self.block = BLOCK  # ids per block (a test may make blocks smaller)
+        self.blocks: dict[int, object] = {}  # block of rows without a key -> the session holding it
         self._wakers: list[Callable[[], None]] = []
         self.wakeups_wanted = True  # the flag the NOTIFY trigger reads (alembic/versions/0002)
         self.wakeup_changes: list[bool] = []  # every change of it, in order
@@ -72,6 +78,10 @@ class InMemoryStore:
         self._next_id += 1
         self.notify()
         return row
+
+    def next_block(self) -> None:
+        """Let the next row's id begin a new block."""
+        self._next_id += -self._next_id % self.block
 
     def insert_many(self, routing_key: str, payloads: Sequence[Any]) -> list[StoredRow]:
         """One statement of many rows: like the statement-level trigger, one wake-up for all."""
@@ -149,6 +159,10 @@ class InMemorySession:
             if (row.sent or row.dead or row.available_at > now or row.locked_by is not None
                     or not self.store.is_head(row)):
                 continue
+            if row.ordering_key is None:  # the block's rows are this claim's, or none of them
+                holder = self.store.blocks.setdefault(row.id // self.store.block, self)
+                if holder is not self:
+                    continue
             row.locked_by = self
             picked.append(row)
         self.claimed = [r.id for r in picked]
@@ -180,6 +194,7 @@ class InMemorySession:
             if row is not None and row.locked_by is self:
                 row.locked_by = None
         self.claimed = []
+        self.store.blocks = {b: s for b, s in self.store.blocks.items() if s is not self}
 
     async def want_wakeups(self, wanted: bool) -> bool:
         self.store.check()

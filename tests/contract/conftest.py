@@ -15,7 +15,7 @@ from outbox.ports import Publisher, Store
 from outbox.publisher import AmqpPublisher
 from outbox.settings import Settings
 from outbox.store import PgStore
-from outbox.testing import InMemoryStore, StubPublisher
+from outbox.testing import BLOCK, InMemoryStore, StubPublisher
 from tests import support
 
 
@@ -23,13 +23,14 @@ from tests import support
 class StoreCase:
     store: Store
     insert: Callable[..., int]  # (routing_key, *, ordering_key=None) -> id
+    next_block: Callable[[], None]  # the next row's id begins a new block (outbox.testing.BLOCK)
 
 
 @pytest.fixture(params=["memory", "postgres"])
 def store_case(request: pytest.FixtureRequest) -> StoreCase:
     if request.param == "memory":
         mem = InMemoryStore()
-        return StoreCase(mem, lambda rk, **kw: mem.insert(rk, {"x": 1}, **kw).id)
+        return StoreCase(mem, lambda rk, **kw: mem.insert(rk, {"x": 1}, **kw).id, mem.next_block)
     settings: Settings = request.getfixturevalue("settings")
 
     def insert(routing_key: str, *, ordering_key: str | None = None) -> int:
@@ -41,7 +42,14 @@ def store_case(request: pytest.FixtureRequest) -> StoreCase:
         assert row is not None
         return int(row[0])
 
-    return StoreCase(PgStore(settings), insert)
+    def next_block() -> None:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(  # (the id nextval hands out is never used: setval may go back to it)
+                "SELECT setval(s, (nextval(s) + %(b)s - 1) / %(b)s * %(b)s - 1) "
+                "FROM pg_get_serial_sequence(%(t)s, 'id') s",
+                {"b": BLOCK, "t": f'"{settings.schema}".outbox'})
+
+    return StoreCase(PgStore(settings), insert, next_block)
 
 
 @pytest.fixture(params=["stub", "amqp"])

@@ -28,11 +28,13 @@ async def test_claim_takes_ready_rows_in_id_order_up_to_the_limit(store_case: St
 
 async def test_a_claimed_row_is_skipped_by_other_sessions_until_released(
         store_case: StoreCase) -> None:
-    ids = [store_case.insert("rk") for _ in range(4)]
+    ids = [store_case.insert("rk") for _ in range(2)]
+    store_case.next_block()
+    ids += [store_case.insert("rk") for _ in range(2)]
     a, b = await store_case.store.session(), await store_case.store.session()
     try:
-        assert [r.id for r in await a.claim(2)] == ids[:2]
-        assert [r.id for r in await b.claim(10)] == ids[2:]
+        assert [r.id for r in await a.claim(1)] == ids[:1]
+        assert [r.id for r in await b.claim(10)] == ids[2:]  # past the block a holds
         await b.release()
         await a.release()
         assert [r.id for r in await b.claim(10)] == ids  # released rows are back, untouched
@@ -40,6 +42,43 @@ async def test_a_claimed_row_is_skipped_by_other_sessions_until_released(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_rows_without_a_key_are_claimed_by_blocks(store_case: StoreCase) -> None:
+    """The rows of a block (outbox.testing.BLOCK ids) that another session took rows from wait
+    for it: a claim does not look at them, however many; the next block's are claimable."""
+    first = [store_case.insert("rk") for _ in range(3)]
+    a, b = await store_case.store.session(), await store_case.store.session()
+    try:
+        assert [r.id for r in await a.claim(1)] == first[:1]
+        assert await b.claim(10) == []  # first[1:] are in the block a holds
+        await b.release()
+        store_case.next_block()
+        later = store_case.insert("rk")
+        assert [r.id for r in await b.claim(10)] == [later]
+        await b.release()
+        await a.settle(Settlement(sent=first[:1]))
+        assert [r.id for r in await b.claim(10)] == [*first[1:], later]
+        await b.release()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_claim_fills_its_batch_from_as_many_blocks_as_it_takes(
+        store_case: StoreCase) -> None:
+    """One row without a key per block, as when keyed rows are most of the outbox: a claim
+    still fills its batch (past the 64 blocks the SQL claim locks, row by row), in id order."""
+    ids = []
+    for _ in range(70):
+        ids.append(store_case.insert("rk"))
+        store_case.next_block()
+    session = await store_case.store.session()
+    try:
+        assert [r.id for r in await session.claim(70)] == ids
+        await session.release()
+    finally:
+        await session.close()
 
 
 async def test_settle_gives_each_retried_row_its_own_delay(store_case: StoreCase) -> None:
@@ -123,7 +162,10 @@ async def test_only_the_head_of_an_ordering_key_is_claimable(store_case: StoreCa
 async def test_rows_released_by_one_session_are_claimed_by_another(
         store_case: StoreCase) -> None:
     """Rows released by one session (a crash, a lost connection) are claimed again."""
-    ids = [store_case.insert("rk") for _ in range(6)]
+    ids: list[int] = []
+    for _ in range(3):  # a block of two rows each
+        ids += [store_case.insert("rk") for _ in range(2)]
+        store_case.next_block()
     a, b = await store_case.store.session(), await store_case.store.session()
     try:
         assert [r.id for r in await a.claim(2)] == ids[:2]

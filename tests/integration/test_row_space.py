@@ -91,6 +91,10 @@ def insert(conn: psycopg.Connection[Any], schema: str, row: RowSpec) -> tuple[An
         conn.execute("SET session_replication_role = replica")  # no triggers
         try:
             got = conn.execute(query, params).fetchone()
+        except pgerrors.CheckViolation as again:  # the table refuses it too, for another reason
+            assert again.diag.constraint_name in TABLE_CONSTRAINTS, again
+            event(f"refused at insert: {again.diag.constraint_name}")
+            return None
         finally:
             conn.execute("SET session_replication_role = DEFAULT")
     except pgerrors.DatetimeFieldOverflow as exc:  # to_timestamp past PostgreSQL's range
