@@ -62,8 +62,10 @@ class StoreSession(Protocol):
     async def claim(self, limit: int) -> list[Row]:
         """Begin a transaction and lock up to ``limit`` ready rows, in id order."""
 
-    async def settle(self, settlement: Settlement) -> None:
-        """Apply the batch's writes and commit (which releases the rows' locks)."""
+    async def settle(self, settlement: Settlement) -> int:
+        """Apply the batch's writes and commit (which releases the rows' locks); returns the
+        newest id as `newest_id` would right after (the relay claims again at once when rows
+        came meanwhile), in the same round trip."""
 
     async def release(self) -> None:
         """Roll back: every claimed row goes back to pending untouched."""

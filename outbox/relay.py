@@ -252,7 +252,7 @@ class Relay:
                     self._claimed_at = time.monotonic()
                     self._stall_said = False
                     self._transaction_begins(lane)
-                    shorts, skipped = self._short_claims, False
+                    shorts, skipped, fresh = self._short_claims, False, False
                     try:
                         rows = await self._claim(session)
                         full = len(rows) == self.settings.batch_size
@@ -262,7 +262,7 @@ class Relay:
                                 self._wake()  # more may be waiting: a sleeping lane joins in
                             self._in_flight += 1
                             try:
-                                await self._process(session, rows, lane)
+                                fresh = self._flag.seen(await self._process(session, rows, lane))
                             finally:
                                 self._in_flight -= 1
                             # Another lane's claim came back short while this one held its
@@ -295,7 +295,7 @@ class Relay:
                     if keyed:
                         self._wake()  # the next rows of these keys are claimable now
                     failures = 0
-                    if not (full or keyed or skipped) and self._may_rest():
+                    if not (full or keyed or skipped or fresh) and self._may_rest():
                         await self._sleep(wake)
                 except StoreUnavailable as exc:
                     failures += 1
@@ -345,7 +345,8 @@ class Relay:
         self._overlapped.discard(lane)
         return alone
 
-    async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> None:
+    async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> int:
+        """Publish and settle one batch; the newest id right after (`StoreSession.settle`)."""
         metrics.BATCH_SIZE.observe(len(rows))
         self.counts.batches += 1
         send = self._traces.send(rows)
@@ -366,11 +367,12 @@ class Relay:
                     if res.outcome is Outcome.CONFIRMED]}})
         settlement = decide(rows, results, self.settings, self._rng)
         send.end(rows, results, settlement)
-        await session.settle(settlement)
+        newest = await session.settle(settlement)
         if settlement.retries:  # wake a lane when the first of them is due
             asyncio.get_running_loop().call_later(
                 min(r.delay for r in settlement.retries), self._wake)
         self._account(rows, results, settlement, confirmed_at)
+        return newest
 
     def _account(self, rows: list[Row], results: list[Result], s: Settlement,
                  confirmed_at: float) -> None:

@@ -260,7 +260,7 @@ class PgSession:
                 recs = await cur.fetchall()
         return [row_from_record(r) for r in recs]
 
-    async def settle(self, s: Settlement) -> None:
+    async def settle(self, s: Settlement) -> int:
         with translate_errors("settling a batch"):
             async with deadline(self.conn, self.settings.db_timeout), self.conn.pipeline():
                 if s.sent:
@@ -278,6 +278,9 @@ class PgSession:
                         "errors": [p.error for p in s.parked],
                         "counted": [1 if p.counted else 0 for p in s.parked]})
                 await self.conn.execute(self.q["commit"], prepare=True)
+                cur = await self.conn.execute(self.q["newest_id"], prepare=True)
+            rec = await cur.fetchone()
+        return int(rec[0]) if rec else 0
 
     async def release(self) -> None:
         # COMMIT, not ROLLBACK: the transaction only locked rows, so both end it the same way,

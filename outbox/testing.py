@@ -168,7 +168,7 @@ class InMemorySession:
         self.claimed = [r.id for r in picked]
         return [r.as_row() for r in picked]
 
-    async def settle(self, s: Settlement) -> None:
+    async def settle(self, s: Settlement) -> int:
         self.store.check()
         now = self.store.clock()
         for row_id in s.sent:
@@ -187,6 +187,7 @@ class InMemorySession:
             row.dead = True
             row.last_error = parked.error
         await self.release()
+        return max(self.store.rows, default=0)
 
     async def release(self) -> None:
         for row_id in self.claimed:

@@ -10,10 +10,13 @@ Two ways, one at a time (alembic/versions/0002 has the flag the insert trigger r
   the NOTIFY) and, while every lane sleeps, reads the newest id of the outbox on its own
   connection: every millisecond after a probe found rows, backing off to `PROBE_MAX` while it
   finds none. A newer id than it (or a claim) saw last wakes a lane; so the first probe after the
-  last busy lane fell asleep also sees what came during its batch. After `IDLE_AFTER` without a
-  claimed row the relay raises the flag again, probes a little longer (`GRACE`: an insert that
-  read the flag lowered may still be committing), and goes back to waiting for a NOTIFY; raising
-  it also wakes a lane to claim once more, for the rows committed in between.
+  last busy lane fell asleep also sees what came during its batch. Most of the time the lane
+  has seen it first: a batch's settle reads the newest id in the same round trip as its
+  COMMIT (`seen`), and its lane claims again at once when rows came meanwhile. After
+  `IDLE_AFTER` without a claimed row the relay raises the flag again, probes a little longer
+  (`GRACE`: an insert that read the flag lowered may still be committing), and goes back to
+  waiting for a NOTIFY; raising it also wakes a lane to claim once more, for the rows committed
+  in between.
 
 What neither covers: a row committed with an id lower than one the probe already saw (two
 producers committing out of order), and an insert that read the flag lowered but commits after
@@ -91,6 +94,15 @@ class Wakeups:
             self._newest = newest
         self._probe_wait = PROBE_FIRST
         self._poked.set()
+
+    def seen(self, newest: int) -> bool:
+        """A settled batch's look at the newest id (`StoreSession.settle`): True when rows came
+        that neither a claim nor the probe has seen yet (the lane then claims at once: no probe
+        round trip, no wake-up); the probe then need not report them again."""
+        if self._newest is not None and newest <= self._newest:
+            return False
+        self._newest = newest
+        return True
 
     def _wanted(self) -> tuple[bool, float | None]:
         """The flag as it should be now, and in how long that changes (None: when poked)."""

@@ -312,6 +312,35 @@ async def test_without_a_listener_a_lane_claims_again_after_each_batch(
         await until(lambda: len(pub.published) == 2, 5)
 
 
+async def test_rows_committed_during_a_batch_are_claimed_at_once_without_a_probe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settle's look at the newest id (`StoreSession.settle`) says that a row came during
+    the batch: the lane claims again at once, with no probe round trip and no wake-up."""
+    store, pub = InMemoryStore(), GatedPublisher()
+    settings = Settings.load({"concurrency": 1, "poll_interval": 30}, environ={})
+    relay = Relay(settings, store, pub)
+    claim = InMemorySession.claim
+    probes_at_claims: list[tuple[int, int]] = []  # (probes made so far, rows claimed)
+
+    async def noted(self: InMemorySession, limit: int) -> list[Row]:
+        probes = relay._flag.probes
+        rows = await claim(self, limit)
+        probes_at_claims.append((probes, len(rows)))
+        return rows
+
+    monkeypatch.setattr(InMemorySession, "claim", noted)
+    async with running(relay):
+        await until(lambda: relay._sleeping, 5)
+        store.insert("rk", {"i": 0})  # its NOTIFY wakes the lane
+        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await until(lambda: store.wakeups_wanted is False, 5)  # the probe is on from now
+        store.insert("rk", {"i": 1})  # no NOTIFY: the flag is lowered
+        probes = relay._flag.probes
+        pub.gate.set()
+        await until(lambda: len(pub.published) == 2, 5)
+        assert (probes, 1) in probes_at_claims  # row 1's claim came before any further probe
+
+
 async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An active relay needs no NOTIFY (each one costs the producers' commits): it lowers the

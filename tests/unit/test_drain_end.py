@@ -54,11 +54,12 @@ class RacingSession(InMemorySession):
             self.store.looked.set()
         return await super().claim(limit)
 
-    async def settle(self, s: Settlement) -> None:
-        await super().settle(s)
+    async def settle(self, s: Settlement) -> int:
+        newest = await super().settle(s)
         if s.retries and not self.store.rescheduled.is_set():
             self.store.rescheduled.set()
             await self.store.relocked.wait()
+        return newest
 
     async def release(self) -> None:
         if self.store.holder is self:
