@@ -83,8 +83,14 @@ free AS (
     SELECT b FROM blocks, draw
      WHERE pg_try_advisory_xact_lock(draw.lock_class, (b %% 4294967296 - 2147483648)::int)
      LIMIT 64),
+-- their id ranges; when 64 blocks do not fill the batch (rows without a key few among keyed
+-- ones), then every id past them, row by row (the union reads `free` whole only then)
+ranges(lo, hi) AS (
+    SELECT b * 256, (b + 1) * 256 FROM free
+    UNION ALL
+    SELECT (max(b) + 1) * 256, 9223372036854775807 FROM free HAVING count(*) = 64),
 plain AS (
-    SELECT l.* FROM free f, LATERAL (
+    SELECT l.* FROM ranges r, LATERAL (
         SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
                o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
                o.message_type, o.correlation_id,
@@ -92,32 +98,15 @@ plain AS (
                     THEN o.created_at END AS created_at, o.attempts
           FROM {schema}.outbox o
          WHERE o.ordering_key IS NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
-           AND o.available_at <= now() AND o.id >= f.b * 256 AND o.id < (f.b + 1) * 256
+           AND o.available_at <= now() AND o.id >= r.lo AND o.id < r.hi
          ORDER BY o.id
            FOR UPDATE SKIP LOCKED) l
-     LIMIT %(limit)s),
--- when 64 blocks did not fill the batch (rows without a key few among keyed ones), the rows past
--- them one by one (run only then: the union's limit stops before it otherwise)
-tail AS (
-    SELECT o.id, o.message_id, o.exchange, o.routing_key, o.payload::text AS payload,
-           o.payload_bytes, o.content_type, o.headers::text AS headers, o.ordering_key,
-           o.message_type, o.correlation_id,
-           CASE WHEN o.created_at > '0001-01-02' AND o.created_at < '9999-12-30'
-                THEN o.created_at END AS created_at, o.attempts
-      FROM {schema}.outbox o
-     WHERE o.ordering_key IS NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
-       AND o.available_at <= now()
-       AND o.id >= (SELECT (max(b) + 1) * 256 FROM free HAVING count(*) = 64)
-     ORDER BY o.id
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED)
+     LIMIT %(limit)s)
 -- the limit inside stops the scans (and the locking); the sort sees only the rows claimed
 SELECT c.* FROM (
     SELECT * FROM keyed WHERE (SELECT keyed_first FROM draw)
     UNION ALL
     SELECT * FROM plain
-    UNION ALL
-    SELECT * FROM tail
     UNION ALL
     SELECT * FROM keyed WHERE NOT (SELECT keyed_first FROM draw)
     LIMIT %(limit)s
