@@ -198,6 +198,21 @@ async def test_want_wakeups_says_whether_it_changed_the_flag(store_case: StoreCa
         await session.close()
 
 
+async def test_settle_says_the_newest_id_after_its_commit(store_case: StoreCase) -> None:
+    """What `newest_id` would say right after the commit: a row committed during the batch
+    counts (the relay then claims again at once), the rows the batch deleted do not."""
+    first = store_case.insert("rk")
+    session = await store_case.store.session()
+    try:
+        await session.claim(10)
+        during = store_case.insert("rk")
+        assert await session.settle(Settlement(sent=[first])) == during
+        await session.claim(10)
+        assert await session.settle(Settlement(sent=[during])) == 0  # an empty outbox
+    finally:
+        await session.close()
+
+
 async def test_newest_id_is_the_highest_id_the_session_can_see(store_case: StoreCase) -> None:
     session = await store_case.store.session()
     try:
