@@ -11,9 +11,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import psutil
@@ -99,6 +100,26 @@ async def aconnect(autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def own_database() -> Iterator[None]:
+    """A fresh database on the benchmark's server for the block (`DATABASE_URL` names it
+    meanwhile): its count of transactions (pg_stat_database) is then the block's own, without
+    autovacuum's work on what earlier phases wrote."""
+    global DATABASE_URL
+    name = unique("bench_db")
+    with connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = DATABASE_URL
+    DATABASE_URL = urlunsplit(urlsplit(base)._replace(path="/" + name))
+    try:
+        yield
+    finally:
+        DATABASE_URL = base
+        with connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
 
 
 def settings_for(schema: str, **changes: Any) -> Settings:

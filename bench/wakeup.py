@@ -26,6 +26,7 @@ from bench.common import (
     Schema,
     aconnect,
     median,
+    own_database,
     progress,
     tree_cpu,
 )
@@ -129,10 +130,10 @@ class IdleFigures:
 
 
 async def idle_cost(relays: int, seconds: float, settle: float = 3.0) -> IdleFigures:
-    """``relays`` relays on one empty table: database transactions per second (the database's
-    own count over the window, less this function's two reads) and their CPU."""
+    """``relays`` relays on one empty table: database transactions per second (the count of a
+    database of their own over the window, less this function's two reads) and their CPU."""
     async with Queue():
-        with Schema() as schema:
+        with own_database(), Schema() as schema:
             procs = [RelayProcess(schema) for _ in range(relays)]
             try:
                 await _wait_connected(relays, schema)
