@@ -260,6 +260,11 @@ class RelayProcess:
     def sample_rss(self) -> None:
         self.peak_rss_mb = max(self.peak_rss_mb, self.ps.memory_info().rss / 2**20)
 
+    def cpu_seconds(self) -> float:
+        """CPU (user and system) the relay used so far."""
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
     def stop(self) -> float:
         """SIGTERM, wait; returns the sampled peak RSS in MB."""
         self.sample_rss()

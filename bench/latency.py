@@ -156,11 +156,11 @@ async def outside_latency(rate: float, seconds: float, clients: int = 4) -> Outs
                 if not await receiver.wait_for(1, 30):
                     raise RuntimeError("the relay did not publish the warm-up row within 30 s")
                 receiver.forget()
-                cpu_before = relay.ps.cpu_times()
+                cpu = -relay.cpu_seconds()
                 began = time.perf_counter()
                 offered = await offer(text, rate, seconds, clients)
                 busy = time.perf_counter() - began
-                cpu_after = relay.ps.cpu_times()
+                cpu += relay.cpu_seconds()
                 if not await receiver.wait_for(offered.transactions, 30):
                     progress(f"  only {receiver.count} of {offered.transactions} rows reached "
                              "the consumer within 30 s")
@@ -173,11 +173,9 @@ async def outside_latency(rate: float, seconds: float, clients: int = 4) -> Outs
              if committed is not None else {n: float(d[1]) for n, d in rows.items()})
     confirm = [(confirmed_at[n] - t) * 1000 for n, t in start.items() if n in confirmed_at]
     receive = [(float(d[0]) - float(d[1])) * 1000 for d in rows.values()]
-    cpu = ((cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system)
-           / busy * 100)
     return OutsideFigures(
         confirm_p50_ms=percentile(confirm, 0.50), confirm_p99_ms=percentile(confirm, 0.99),
         receive_p50_ms=percentile(receive, 0.50), receive_p99_ms=percentile(receive, 0.99),
         commit_timestamps=committed is not None, offered=offered, confirmed=len(confirm),
-        received=len(receive), relay_cpu_percent=cpu)
+        received=len(receive), relay_cpu_percent=cpu / busy * 100)
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import psycopg
 from psycopg import sql
 
-from bench import common
-from bench.common import PAD, Schema, median, progress
+from bench.common import PAD, Schema, connect, median, progress, spread
 
-SETUPS = {
-    "as installed, flag lowered": "ENABLE TRIGGER ALL",
+SETUPS = {  # what each round turns off, the table's triggers all on before
+    "as installed, flag lowered": None,
     "without the wake-up trigger": "DISABLE TRIGGER outbox_notify",
     "without any trigger": "DISABLE TRIGGER ALL",
 }
@@ -32,7 +30,7 @@ def main() -> None:
     p.add_argument("inserts", nargs="?", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    with Schema() as schema, psycopg.connect(common.DATABASE_URL, autocommit=True) as conn:
+    with Schema() as schema, connect() as conn:
         table = schema.table()
         conn.execute(sql.SQL("UPDATE {}.outbox_wakeup SET wanted = false").format(
             sql.Identifier(schema.name)))
@@ -44,7 +42,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name, action in SETUPS.items():
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER ALL").format(table))
-                conn.execute(sql.SQL("ALTER TABLE {} {}").format(table, sql.SQL(action)))
+                if action:
+                    conn.execute(sql.SQL("ALTER TABLE {} {}").format(table, sql.SQL(action)))
                 conn.execute(sql.SQL("TRUNCATE {}").format(table))
                 began = time.perf_counter()
                 conn.execute(loop)
@@ -53,7 +52,7 @@ def main() -> None:
                 f"{name} {t[-1]:.1f} µs" for name, t in times.items()))
         conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER ALL").format(table))
     for name, t in times.items():
-        print(f"{name}: {median(t):.1f} µs per insert (rounds {' '.join(f'{x:.1f}' for x in t)})")
+        print(f"{name}: {median(t):.1f} µs per insert (rounds {spread(t)})")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,9 @@ class Relay:
         self._timerless = 0  # how many of them sleep with no timer (covered by wake-ups)
         self._in_flight = 0  # lanes publishing or settling a batch
         self._claiming = 0  # lanes whose claim is running
-        self._short_claims = 0  # claims so far that came back with less than a full batch
         self._open: set[int] = set()  # lanes whose transaction (claim to settle or release) is open
         self._overlapped: set[int] = set()  # ... of which those another lane's overlapped
+        self._passed_over: set[int] = set()  # ... of which those another lane's short claim did
         # a wake-up came while no lane slept, and no claim has begun since
         self._unclaimed = False
         self._listening = False  # LISTEN is in place: inserts wake a lane
@@ -252,9 +252,9 @@ class Relay:
                     self._claimed_at = time.monotonic()
                     self._stall_said = False
                     self._transaction_begins(lane)
-                    shorts, skipped, fresh = self._short_claims, False, False
+                    skipped = fresh = False
                     try:
-                        rows = await self._claim(session)
+                        rows = await self._claim(session, lane)
                         full = len(rows) == self.settings.batch_size
                         if rows:
                             self._flag.busy(rows[-1].id)
@@ -268,8 +268,7 @@ class Relay:
                             # Another lane's claim came back short while this one held its
                             # rows, or is running now: it may have passed over ready rows in
                             # the blocks this batch held (outbox/queries.sql). Look again.
-                            skipped = (self._short_claims - shorts - (not full) > 0
-                                       or self._claiming > 0)
+                            skipped = lane in self._passed_over or self._claiming > 0
                         else:
                             await session.release()
                     finally:
@@ -319,14 +318,14 @@ class Relay:
         finally:
             await self._drop(session)
 
-    async def _claim(self, session: StoreSession) -> list[Row]:
+    async def _claim(self, session: StoreSession, lane: int) -> list[Row]:
         self._claiming += 1
         try:
             rows = await session.claim(self.settings.batch_size)
         finally:
             self._claiming -= 1
-        if len(rows) < self.settings.batch_size:
-            self._short_claims += 1
+        if len(rows) < self.settings.batch_size:  # it may have passed over their blocks
+            self._passed_over.update(self._open - {lane})
         return rows
 
     def _transaction_begins(self, lane: int) -> None:
@@ -343,6 +342,7 @@ class Relay:
         self._open.discard(lane)
         alone = lane not in self._overlapped
         self._overlapped.discard(lane)
+        self._passed_over.discard(lane)
         return alone
 
     async def _process(self, session: StoreSession, rows: list[Row], lane: int) -> int:

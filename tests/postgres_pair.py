@@ -23,6 +23,9 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import tempfile
 import time
@@ -65,6 +68,27 @@ class PgServer:
         if self.running:
             with psycopg.connect(self.url, autocommit=True) as conn:
                 conn.execute("SELECT pg_reload_conf()")
+            # pg_reload_conf() only signals the server: wait until it serves the new one
+            pem = tls.cert.read_text()
+            want = ssl.PEM_cert_to_DER_cert(pem[:pem.index("-----END CERTIFICATE-----") + 25])
+            deadline = time.monotonic() + 10
+            while self.served_cert() != want:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} still serves its old certificate after 10 s")
+                time.sleep(0.05)
+
+    def served_cert(self) -> bytes:
+        """The certificate (DER) a new TLS connection gets now: the protocol's SSLRequest, then
+        a handshake that verifies nothing."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(struct.pack("!ii", 8, 80877103))
+            if sock.recv(1) != b"S":
+                return b""
+            with context.wrap_socket(sock) as tls:
+                return tls.getpeercert(binary_form=True) or b""
 
     def _install_tls(self) -> list[str]:
         """Copy the certificate and key where the server's user owns them (it refuses a key

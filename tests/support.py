@@ -25,7 +25,9 @@ from psycopg import sql
 import bench.common
 from outbox import migrate
 from outbox.frames import reader_died
+from outbox.rows import Result, Row
 from outbox.settings import Settings
+from outbox.testing import StubPublisher
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL",
@@ -311,3 +313,18 @@ def as_role(role: str) -> str:
     """The test database's URL, connecting as ``role`` (no password: trust auth)."""
     parts = DATABASE_URL.split("://", 1)[1].split("@", 1)[-1]
     return f"postgresql://{role}@{parts}"
+
+
+class GatedPublisher(StubPublisher):
+    """Holds each batch until the test opens ``gate`` (closed at first); ``held`` has the row ids
+    of every batch it was given, as it arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.held: list[list[int]] = []
+
+    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
+        self.held.append([r.id for r in rows])
+        await asyncio.wait_for(self.gate.wait(), 10)
+        return await super().publish(rows, lane)

@@ -29,9 +29,14 @@ def test_sigusr1_logs_each_task_and_sigusr2_each_thread(settings: Settings) -> N
         support.eventually(lambda: metric(port, "outbox_seconds_since_claim")
                            < 2 * settings.poll_interval + 1, 10)
         relay.send_signal(signal.SIGUSR1)
-        support.eventually(lambda: any(b'"msg":"task"' in line and b"Relay._lane" in line
-                                       for line in lines), 10)
-        tasks = [orjson.loads(line) for line in list(lines) if b'"msg":"task"' in line]
+        def dumped() -> list[dict[str, str]] | None:
+            """The task lines, once as many as the dump's first line announced are in."""
+            got = [orjson.loads(line) for line in list(lines) if line.startswith(b"{")]
+            head = [g for g in got if g.get("msg") == "task dump (SIGUSR1)"]
+            tasks = [g for g in got if g.get("msg") == "task"]
+            return tasks if head and len(tasks) == head[0]["tasks"] else None
+
+        tasks = support.eventually(dumped, 10)
         assert {"outbox-safety-poll", "outbox-broker"} <= {t["task"] for t in tasks}
         assert any("in _lane" in t["stack"] for t in tasks)
         relay.send_signal(signal.SIGUSR2)

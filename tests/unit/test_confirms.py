@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from outbox.confirms import STALLED_AFTER, ConfirmWatch
 from outbox.relay import Relay
 from outbox.rows import Outcome, Result
 from outbox.settings import Settings
 from outbox.testing import InMemoryStore, StubPublisher
-from tests.support import until
+from tests.support import running, until
 
 SETTINGS = Settings.load({"max_attempts": 1000, "retry_base": 0.01, "retry_max": 0.02,
                           "batch_size": 10, "poll_interval": 0.05, "concurrency": 1},
@@ -59,9 +57,7 @@ async def test_the_relay_is_not_ready_while_publishes_time_out_and_ready_after_a
         store.insert("rk", {"i": i})
     answer = [TIMEOUT]
     pub = StubPublisher(lambda row: answer[0])
-    relay = Relay(SETTINGS, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(Relay(SETTINGS, store, pub)) as relay:
         await until(lambda: relay.health.database and relay.confirms.stalled, 5,
                     "connected, and the broker answering nothing")
         assert not relay.ready and pub.ready  # the publisher stays usable: the lanes go on
@@ -70,9 +66,6 @@ async def test_the_relay_is_not_ready_while_publishes_time_out_and_ready_after_a
         answer[0] = Result.confirmed()
         await until(lambda: not store.rows, 5, "every row sent")
         assert relay.ready and relay.unconfirmed == ""
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_a_nack_is_an_answer() -> None:
@@ -80,13 +73,8 @@ async def test_a_nack_is_an_answer() -> None:
     store.insert("rk", {"i": 0})
     answer = [TIMEOUT]
     pub = StubPublisher(lambda row: answer[0])
-    relay = Relay(SETTINGS, store, pub)
-    task = asyncio.create_task(relay.run())
-    try:
+    async with running(Relay(SETTINGS, store, pub)) as relay:
         await until(lambda: relay.confirms.stalled, 5, "publishes timing out")
         answer[0] = Result(Outcome.FAILED, "nacked by the broker", "nack")
         await until(lambda: not relay.confirms.stalled, 5, "the nack taken as an answer")
         assert relay.ready
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 5)

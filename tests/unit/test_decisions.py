@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
 
 import pytest
 
@@ -16,7 +15,7 @@ from outbox.retry import backoff
 from outbox.rows import Outcome, Result, Row
 from outbox.settings import Settings
 from outbox.testing import InMemorySession, InMemoryStore, StoredRow, StubPublisher
-from tests.support import running, until
+from tests.support import GatedPublisher, running, until
 
 SETTINGS = Settings.load({"max_attempts": 3, "retry_base": 1, "retry_max": 8, "batch_size": 10,
                           "poll_interval": 0.05}, environ={})
@@ -222,13 +221,9 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
         claims.append((id(self), len(got)))
         return got
 
-    class SlowPublisher(StubPublisher):  # confirms take a while, as a broker's do
-        async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
-            await asyncio.sleep(0.05)
-            return await super().publish(rows, lane)
-
     monkeypatch.setattr(InMemorySession, "claim", counted)
-    store, pub = InMemoryStore(), SlowPublisher()
+    store, pub = InMemoryStore(), GatedPublisher()
+    pub.gate.set()
     store.block = 10
     settings = Settings.load({"batch_size": 10, "concurrency": 3, "poll_interval": 30},
                              environ={})
@@ -242,7 +237,10 @@ async def test_a_wake_up_rouses_one_sleeping_lane_and_a_full_batch_another(
         # (no wake-up came since, so no row can be waiting)
         assert [n for _, n in claims] == [1]
         claims.clear()
+        pub.gate.clear()  # the first batch is held until the lane it roused has claimed
         store.insert_many("rk", [{"i": i} for i in range(25)])
+        await until(lambda: len([n for _, n in claims if n]) == 2)
+        pub.gate.set()
         await until(lambda: len(pub.published) == 26 and len(relay._sleeping) == 3)
         # ids 2-9 and 10-11 (full: it rouses a lane), 20-26 (block 1 is held), then 12-19
         assert [n for _, n in claims if n] == [10, 7, 8]
@@ -278,20 +276,6 @@ async def test_rows_committed_during_every_lanes_claim_are_claimed_once_more_by_
         assert claims == [0, 0, 0, 1, 0]
 
 
-class GatedPublisher(StubPublisher):
-    """Holds each batch until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.waiting = asyncio.Event()
-
-    async def publish(self, rows: Sequence[Row], lane: int) -> list[Result]:
-        self.waiting.set()
-        await asyncio.wait_for(self.gate.wait(), 10)
-        return await super().publish(rows, lane)
-
-
 async def test_without_a_listener_a_lane_claims_again_after_each_batch(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A lane sleeps after a batch only while inserts wake it; with LISTEN not in place, a row
@@ -306,7 +290,7 @@ async def test_without_a_listener_a_lane_claims_again_after_each_batch(
         await until(lambda: relay._sleeping, 5)
         store.insert("rk", {"i": 0})
         relay._wake()  # a wake-up from elsewhere (the flag's re-claim): the lane claims
-        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await until(lambda: pub.held, 5)
         store.insert("rk", {"i": 1})  # no listener: nobody hears of it
         pub.gate.set()
         await until(lambda: len(pub.published) == 2, 5)
@@ -332,13 +316,14 @@ async def test_rows_committed_during_a_batch_are_claimed_at_once_without_a_probe
     async with running(relay):
         await until(lambda: relay._sleeping, 5)
         store.insert("rk", {"i": 0})  # its NOTIFY wakes the lane
-        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await until(lambda: pub.held, 5)
         await until(lambda: store.wakeups_wanted is False, 5)  # the probe is on from now
         store.insert("rk", {"i": 1})  # no NOTIFY: the flag is lowered
-        probes = relay._flag.probes
+        probes, claims = relay._flag.probes, len(probes_at_claims)
         pub.gate.set()
         await until(lambda: len(pub.published) == 2, 5)
-        assert (probes, 1) in probes_at_claims  # row 1's claim came before any further probe
+        # the claim after row 0's batch got row 1, before any further probe
+        assert probes_at_claims[claims] == (probes, 1)
 
 
 async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
@@ -363,7 +348,7 @@ async def test_the_flag_is_lowered_while_rows_come_and_raised_once_idle(
     relay = Relay(settings, store, pub)
     async with running(relay):
         store.insert("rk", {"i": 0})
-        await asyncio.wait_for(pub.waiting.wait(), 5)
+        await until(lambda: pub.held, 5)
         await until(lambda: not store.wakeups_wanted, 5)  # active: lowered
         pub.gate.set()
         await until(lambda: len(pub.published) == 2 and not store.rows, 5)
